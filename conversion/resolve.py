@@ -1,0 +1,70 @@
+"""Turn a Hub repo id, a Hugging Face layout directory or a converted directory into a converted directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from conversion.convert import convert, is_converted, is_hf_checkpoint
+
+DEFAULT_REPO_ID = "nvidia/llama-nemotron-embed-vl-1b-v2"
+# What a conversion needs from the Hub repo: weights, configs, tokenizer and licence texts (no remote code).
+HUB_PATTERNS = ["*.safetensors", "*.json", "LICENSE*", "*.md"]
+
+
+def cache_root() -> Path:
+    root = os.environ.get("EMBED_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemotron-embed-vl"
+    return Path(root)
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def download(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """Download the checkpoint from the Hub (with a progress bar); returns (directory, commit)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise ModelNotFoundError(
+            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable and the model is not in the local "
+            f"cache. Download it where the Hub is reachable (python -m conversion {repo_id} OUT) and set "
+            f"EMBED_MODEL to the converted directory.") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelNotFoundError(f"cannot download {repo_id!r} (revision {revision or 'main'}): {e}") from e
+    return path, path.name  # snapshots/<commit>
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes when the checkpoint's files change, so a stale conversion is never reused."""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(path_or_repo_id: str | Path, revision: str | None = None, progress: bool = True) -> Path:
+    """A converted directory for `path_or_repo_id`, converting (and caching) on first use."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        if is_converted(path):
+            return path
+        if not is_hf_checkpoint(path):
+            raise ModelNotFoundError(f"{path} is neither a converted model nor a Hugging Face checkpoint "
+                                     "(no manifest.json, no config.json with model.safetensors[.index.json])")
+        source, src_revision = str(path.resolve()), None
+    elif Path(path_or_repo_id).is_absolute() or str(path_or_repo_id).startswith("."):
+        raise ModelNotFoundError(f"model directory {path} does not exist")
+    else:
+        path, src_revision = download(str(path_or_repo_id), revision)
+        source = str(path_or_repo_id)
+    out = cache_root() / "converted" / _fingerprint(path)
+    if not is_converted(out):
+        convert(path, out, source=source, revision=src_revision, progress=progress)
+    return out

@@ -1,0 +1,109 @@
+"""The whole embedder network and its pure, jit-compiled forward function.
+
+The network knows nothing of batching policy: it takes one padded batch and returns one unit vector per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.llama import LlamaModel
+from model.projector import Projector, pixel_shuffle
+from model.siglip import SiglipVisionTower
+
+
+class Batch(NamedTuple):
+    """One padded forward pass. Rows are right-padded; padded rows have length ≥ 1 and are discarded.
+
+    input_ids [B, T] int32; lengths [B] int32 (real tokens per row);
+    image_index [B, T] int32: row of the flattened image features for an `<IMG_CONTEXT>` position, −1 elsewhere;
+    pixels [N, S, S, C] uint8 tiles (RGB, channels last). `None` for both when the batch has no image,
+    which compiles a variant that never runs the vision tower.
+    """
+
+    input_ids: jax.Array
+    lengths: jax.Array
+    image_index: jax.Array | None = None
+    pixels: jax.Array | None = None
+
+
+def normalize_pixels(pixels: jax.Array, dtype) -> jax.Array:
+    """uint8 -> (x/255 − 0.5)/0.5, rounded to bfloat16 as the reference processor does, then `dtype`."""
+    x = pixels.astype(jnp.float32) / 255.0
+    x = (x - 0.5) / 0.5
+    return x.astype(jnp.bfloat16).astype(dtype)
+
+
+def masked_mean(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Mean over the first `lengths` positions, in float32: [B, T, D] -> [B, D]."""
+    mask = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)[..., None]
+    return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class NemotronEmbedVL(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attention_implementation=None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.vision_model = SiglipVisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                              implementation=attention_implementation)
+        self.mlp1 = Projector(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.language_model = LlamaModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                         implementation=attention_implementation)
+
+    def image_features(self, pixels: jax.Array) -> jax.Array:
+        """uint8 tiles [N, S, S, C] -> decoder-width features [N, tokens_per_tile, D]."""
+        vision = self.vision_model(normalize_pixels(pixels, self.dtype))  # [N, P, Dv]
+        return self.mlp1(pixel_shuffle(vision, self.cfg.shuffle_factor))
+
+    def input_embeddings(self, batch: Batch) -> jax.Array:
+        """Token embeddings with image features spliced in at `<IMG_CONTEXT>` positions: [B, T, D]."""
+        embeds = self.language_model.embed_tokens(batch.input_ids).astype(self.dtype)
+        if batch.pixels is None:
+            return embeds
+        features = self.image_features(batch.pixels)
+        features = features.reshape(-1, features.shape[-1])  # [N·tokens_per_tile, D]
+        spliced = features[jnp.maximum(batch.image_index, 0)]
+        return jnp.where(batch.image_index[..., None] >= 0, spliced, embeds)
+
+    def __call__(self, batch: Batch) -> jax.Array:
+        """-> L2-normalised embeddings [B, D], float32."""
+        hidden = self.language_model(self.input_embeddings(batch), batch.lengths)
+        return l2_normalize(masked_mean(hidden, batch.lengths))
+
+
+def build_abstract(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   attention_implementation=None) -> NemotronEmbedVL:
+    """The network with shapes only: nothing is allocated."""
+    return nnx.eval_shape(lambda: NemotronEmbedVL(
+        cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+        attention_implementation=attention_implementation))
+
+
+def param_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter name -> shape, from the configuration alone (no allocation)."""
+    state = nnx.state(build_abstract(cfg), nnx.Param)
+    return {param_path(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def make_forward(graphdef: nnx.GraphDef):
+    """A pure jit-compiled function (state, batch) -> embeddings; split once, never walk the graph per call."""
+
+    @jax.jit
+    def forward(state: nnx.State, batch: Batch) -> jax.Array:
+        return nnx.merge(graphdef, state)(batch)
+
+    return forward

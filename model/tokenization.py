@@ -1,0 +1,106 @@
+"""Prompts, tokenisation and truncation, with the checkpoint's own tokenizer files.
+
+Prompts (no chat template): query `"query: " + text`, passage `"passage: " + text`, image
+`"passage: <img>" + "<IMG_CONTEXT>" × (tokens_per_tile · tiles) + "</img> "`, image+text the image part then the
+text. The tokenizer prepends BOS. `<IMG_CONTEXT>` ids are inserted as ids, not spelled out: they are atomic
+special tokens, so the result is identical and tokenising stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model.config import ModelConfig
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+class Truncate(str, enum.Enum):
+    NONE = "NONE"
+    START = "START"  # keep the last tokens
+    END = "END"  # keep the first tokens
+
+
+class InputTooLongError(ValueError):
+    def __init__(self, num_tokens: int, max_tokens: int):
+        super().__init__(f"Input length {num_tokens} exceeds maximum allowed token size {max_tokens}")
+        self.num_tokens, self.max_tokens = num_tokens, max_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    img_start: int
+    img_end: int
+    img_context: int
+
+
+class Prompter:
+    """Builds token ids for one input. Thread-safe: `tokenizers` encodes without shared mutable state."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, bos_token: str):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        ids = {tok: tokenizer.token_to_id(tok) for tok in (bos_token, IMG_START, IMG_END, IMG_CONTEXT)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {missing} token(s)")
+        self.special = SpecialIds(ids[bos_token], ids[IMG_START], ids[IMG_END], ids[IMG_CONTEXT])
+        if self.special.img_context != cfg.img_context_token_id:
+            raise ValueError(f"tokenizer's {IMG_CONTEXT} id {self.special.img_context} differs from "
+                             f"config.img_context_token_id {cfg.img_context_token_id}")
+        probe = tokenizer.encode("x").ids
+        if not probe or probe[0] != self.special.bos:
+            raise ValueError("tokenizer does not prepend BOS (expected a Llama-3 post-processor)")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, cfg: ModelConfig) -> Prompter:
+        path = Path(path)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        bos = "<|begin_of_text|>"
+        config_file = path / "tokenizer_config.json"
+        if config_file.exists():
+            token = json.loads(config_file.read_text()).get("bos_token") or bos
+            bos = token["content"] if isinstance(token, dict) else token
+        return cls(tokenizer, cfg, bos)
+
+    def prefix(self, input_type: str) -> str:
+        if input_type == "query":
+            return self.cfg.query_prefix + " "
+        if input_type == "passage":
+            return self.cfg.passage_prefix + " "
+        raise ValueError(f"input_type must be 'query' or 'passage'; got {input_type!r}")
+
+    def encode(self, text: str | None, tiles: int, input_type: str,
+               truncate: Truncate | str = Truncate.NONE, max_tokens: int | None = None) -> np.ndarray:
+        """Token ids [L] int32 for one input with `tiles` image tiles (0 for text).
+
+        Truncation cuts text tokens only: BOS, the prefix and the image tokens are always kept.
+        """
+        truncate = Truncate(truncate)
+        head = self.prefix(input_type) + (f"{IMG_START}{IMG_END} " if tiles else "")
+        text = text or ""
+        enc = self.tokenizer.encode(head + text)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        # Tokens that lie wholly inside the prompt head (BOS has an empty span at 0) are protected;
+        # a token straddling the boundary (" hello" taking the head's space) counts as text.
+        fixed = sum(1 for _, end in enc.offsets if end <= len(head) - (1 if tiles else 0)) if text else len(ids)
+        if tiles:
+            at = int(np.flatnonzero(ids == self.special.img_start)[0]) + 1
+            image = np.full(tiles * self.cfg.tokens_per_tile, self.special.img_context, dtype=np.int32)
+            ids = np.concatenate([ids[:at], image, ids[at:]])
+            fixed += len(image)
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids
+        if truncate is Truncate.NONE or fixed > max_tokens:
+            raise InputTooLongError(len(ids), max_tokens)
+        keep = max_tokens - fixed
+        head_ids, text_ids = ids[:fixed], ids[fixed:]
+        text_ids = text_ids[:keep] if truncate is Truncate.END else text_ids[len(text_ids) - keep:]
+        return np.concatenate([head_ids, text_ids])

@@ -1,0 +1,56 @@
+"""Load converted Flax parameters into the abstract network, checking every name and shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+from flax import nnx
+from safetensors import safe_open
+
+from model.config import ModelConfig
+from model.network import NemotronEmbedVL, build_abstract, param_path
+
+PARAMS_FILE = "flax_params.safetensors"
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def load_network(path: str | Path, cfg: ModelConfig, *, dtype, param_dtype=None,
+                 attention_implementation=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of the network with the converted parameters of `path`, cast to `param_dtype`.
+
+    Built on `nnx.eval_shape` (nothing allocated twice); fails on unknown, missing or mis-shaped parameters.
+    """
+    param_dtype = param_dtype or dtype
+    abstract = build_abstract(cfg, dtype=dtype, param_dtype=param_dtype,
+                              attention_implementation=attention_implementation)
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    wanted = {param_path(p): p for p in flat}
+    file = Path(path) / PARAMS_FILE
+    if not file.is_file():
+        raise WeightsError(f"{file} not found: convert the checkpoint first (python -m conversion SRC OUT)")
+    with safe_open(file, "numpy") as f:
+        names = set(f.keys())
+        problems = [f"unexpected parameter {n!r}" for n in sorted(names - set(wanted))]
+        problems += [f"missing parameter {n!r}" for n in sorted(set(wanted) - names)]
+        if problems:
+            raise WeightsError(f"{file}: " + "; ".join(problems[:10]))
+        for name, key in wanted.items():
+            variable = flat[key]
+            array = f.get_tensor(name)
+            if tuple(array.shape) != tuple(variable.shape):
+                raise WeightsError(f"{file}: {name} has shape {list(array.shape)}, expected {list(variable.shape)}")
+            flat[key] = variable.replace(jax.device_put(jnp.asarray(array, dtype=param_dtype)))
+            del array
+    return graphdef, nnx.from_flat_state(list(flat.items()))
+
+
+def network_for_inspection(graphdef: nnx.GraphDef, state: nnx.State) -> NemotronEmbedVL:
+    """An eager module for tests and block-by-block comparisons (serving uses the pure forward)."""
+    return nnx.merge(graphdef, state)
