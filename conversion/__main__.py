@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from conversion.convert import ConversionError, convert
-from conversion.resolve import ModelNotFoundError, download
+from conversion.resolve import ModelNotFoundError, fetch_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        if Path(args.src).is_dir():
-            src, source, revision = Path(args.src), str(Path(args.src).resolve()), None
-        else:
-            src, revision = download(args.src, args.revision)
-            source = args.src
+        src, source, revision = fetch_source(args.src, args.revision)
         manifest = convert(src, args.out, dtype=args.dtype, source=source, revision=revision,
                            progress=not args.quiet)
     except (ConversionError, ModelNotFoundError, FileNotFoundError) as e:

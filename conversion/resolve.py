@@ -25,8 +25,10 @@ class ModelNotFoundError(RuntimeError):
 def download(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
     """Download the checkpoint from the Hub (with a progress bar); returns (directory, commit)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
+    if Path(repo_id).is_absolute() or repo_id.startswith("."):
+        raise ModelNotFoundError(f"model directory {repo_id} does not exist")
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
@@ -34,6 +36,8 @@ def download(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
             f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable and the model is not in the local "
             f"cache. Download it where the Hub is reachable (python -m conversion {repo_id} OUT) and set "
             f"EMBED_MODEL to the converted directory.") from e
+    except HFValidationError as e:
+        raise ModelNotFoundError(f"{repo_id!r} is neither a local directory nor a Hugging Face repo id") from e
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(f"cannot download {repo_id!r} (revision {revision or 'main'}): {e}") from e
     return path, path.name  # snapshots/<commit>
@@ -49,21 +53,23 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve(path_or_repo_id: str | Path, revision: str | None = None, progress: bool = True) -> Path:
-    """A converted directory for `path_or_repo_id`, converting (and caching) on first use."""
+def fetch_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple[Path, str, str | None]:
+    """(local checkpoint directory, source as recorded in the manifest, Hub commit or None)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
-        if is_converted(path):
-            return path
-        if not is_hf_checkpoint(path):
-            raise ModelNotFoundError(f"{path} is neither a converted model nor a Hugging Face checkpoint "
-                                     "(no manifest.json, no config.json with model.safetensors[.index.json])")
-        source, src_revision = str(path.resolve()), None
-    elif Path(path_or_repo_id).is_absolute() or str(path_or_repo_id).startswith("."):
-        raise ModelNotFoundError(f"model directory {path} does not exist")
-    else:
-        path, src_revision = download(str(path_or_repo_id), revision)
-        source = str(path_or_repo_id)
+        return path, str(path.resolve()), None
+    local, commit = download(str(path_or_repo_id), revision)
+    return local, str(path_or_repo_id), commit
+
+
+def resolve(path_or_repo_id: str | Path, revision: str | None = None, progress: bool = True) -> Path:
+    """A converted directory for `path_or_repo_id`, converting (and caching) on first use."""
+    path, source, src_revision = fetch_source(path_or_repo_id, revision)
+    if is_converted(path):
+        return path
+    if not is_hf_checkpoint(path):
+        raise ModelNotFoundError(f"{path} is neither a converted model nor a Hugging Face checkpoint "
+                                 "(no manifest.json, no config.json with model.safetensors[.index.json])")
     out = cache_root() / "converted" / _fingerprint(path)
     if not is_converted(out):
         convert(path, out, source=source, revision=src_revision, progress=progress)

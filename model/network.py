@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
@@ -32,11 +34,16 @@ class Batch(NamedTuple):
     pixels: jax.Array | None = None
 
 
+# uint8 -> (x/255 − 0.5)/0.5 in float32 with the reference's operation order, rounded to bfloat16 as its
+# processor does. A 256-entry table keeps this bit-exact: XLA may rewrite `/ 255` as `* (1/255)`, which
+# rounds differently and flips about 1% of the bfloat16 values.
+_PIXEL_TABLE = ((np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)).astype(
+    ml_dtypes.bfloat16)
+
+
 def normalize_pixels(pixels: jax.Array, dtype) -> jax.Array:
-    """uint8 -> (x/255 − 0.5)/0.5, rounded to bfloat16 as the reference processor does, then `dtype`."""
-    x = pixels.astype(jnp.float32) / 255.0
-    x = (x - 0.5) / 0.5
-    return x.astype(jnp.bfloat16).astype(dtype)
+    """uint8 tiles -> normalised pixels in `dtype`, exactly as the reference processor computes them."""
+    return jnp.asarray(_PIXEL_TABLE)[pixels.astype(jnp.int32)].astype(dtype)
 
 
 def masked_mean(hidden: jax.Array, lengths: jax.Array) -> jax.Array:

@@ -16,3 +16,20 @@ def tiny_checkpoint(tmp_path_factory):
     from conversion.random_checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), size="tiny", seed=0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint converted to Flax parameters."""
+    from conversion.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny_converted")
+    convert(tiny_checkpoint, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_converted):
+    from model import Embedder
+
+    return Embedder(tiny_converted, dtype="float32")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+from transformers.initialization import no_init_weights
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
@@ -160,15 +161,14 @@ class ReferenceModel(torch.nn.Module):
         config = json.loads((ckpt_dir / "config.json").read_text())
         vstate, pstate, lstate = split_state(load_safetensors_dir(ckpt_dir))
 
-        vision = SiglipVisionModel(siglip_config(config["vision_config"], any(k.startswith("head.") for k in vstate), attn_implementation))
-        load_strict(vision, vstate, "vision_model")
-
-        dv, dl = vision.config.hidden_size, config["llm_config"]["hidden_size"]
+        dv, dl = config["vision_config"]["hidden_size"], config["llm_config"]["hidden_size"]
         dp = int(round(dv / config.get("downsample_ratio", 0.5) ** 2))
-        mlp1 = torch.nn.Sequential(torch.nn.LayerNorm(dp, eps=1e-5), torch.nn.Linear(dp, dl), torch.nn.GELU(), torch.nn.Linear(dl, dl))
+        with no_init_weights():  # every parameter is overwritten by the strict loads below (buffers are unaffected)
+            vision = SiglipVisionModel(siglip_config(config["vision_config"], any(k.startswith("head.") for k in vstate), attn_implementation))
+            mlp1 = torch.nn.Sequential(torch.nn.LayerNorm(dp, eps=1e-5), torch.nn.Linear(dp, dl), torch.nn.GELU(), torch.nn.Linear(dl, dl))
+            llm = LlamaModel(llama_config(config["llm_config"], attn_implementation))
+        load_strict(vision, vstate, "vision_model")
         load_strict(mlp1, pstate, "mlp1")
-
-        llm = LlamaModel(llama_config(config["llm_config"], attn_implementation))
         load_strict(llm, lstate, "language_model")
         for m in llm.modules():  # bidirectional: no causal mask anywhere (sdpa/flash also read module.is_causal)
             if hasattr(m, "is_causal"):
@@ -215,14 +215,18 @@ class ReferenceModel(torch.nn.Module):
         x = inputs_embeds.to(self.dtype)
         keep = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
         # explicit 4D additive mask over keys only (no causal part); create_causal_mask returns 4D masks as-is
-        mask4d = torch.zeros(b, 1, t, t, dtype=x.dtype).masked_fill(~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        mask4d = torch.zeros(b, 1, 1, t, dtype=x.dtype).masked_fill(~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        mask4d = mask4d.expand(b, 1, t, t)  # a view: same padding row for every query
         pos = torch.arange(t)[None].expand(b, t)
         return self.language_model(inputs_embeds=x, attention_mask=mask4d, position_ids=pos, use_cache=False).last_hidden_state
 
+    def preprocess_image(self, image: Image.Image, max_tiles: int = 6) -> torch.Tensor:
+        """[tiles, 3, S, S] float32 normalised (bf16-rounded) pixels, thumbnail last."""
+        return tiles_to_tensor(tile_image(image, self.image_size, max_tiles, self.use_thumbnail))
+
     def image_features(self, image: Image.Image, max_tiles: int = 6) -> torch.Tensor:
         """[tiles * tokens_per_tile, Dl] projector outputs for one image (thumbnail last)."""
-        pixels = tiles_to_tensor(tile_image(image, self.image_size, max_tiles, self.use_thumbnail))
-        feats = self.projector(self.pixel_shuffle(self.vision(pixels)))
+        feats = self.projector(self.pixel_shuffle(self.vision(self.preprocess_image(image, max_tiles))))
         return feats.reshape(-1, feats.shape[-1])
 
     def prompt(self, text: str | None, n_tiles: int, input_type: str) -> str:

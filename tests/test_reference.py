@@ -260,3 +260,9 @@ def test_embed_bf16_path(ref):
     assert ref.dtype == torch.float32  # the original stays float32
     for a, b in zip(e32, e16):
         assert 0.999 < _cos(a, b) < 1 - 1e-7
+
+
+def test_eager_and_sdpa_attention_agree(ref, tiny_checkpoint):
+    eager = R.ReferenceModel.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    assert eager.language_model.config._attn_implementation == "eager"
+    np.testing.assert_allclose(eager.embed(ITEMS), ref.embed(ITEMS), atol=2e-6)
