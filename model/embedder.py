@@ -74,6 +74,11 @@ class Embedder:
         cfg = self.config
         return num_tiles(width, height, cfg.force_image_size, self.max_tiles, cfg.use_thumbnail)
 
+    @property
+    def num_tiles_max(self) -> int:
+        """The most tiles one image can become (the grid plus its thumbnail)."""
+        return self.max_tiles + (1 if self.config.use_thumbnail and self.max_tiles > 1 else 0)
+
     def tiles(self, image: Image.Image) -> np.ndarray:
         cfg = self.config
         return tile_image(image, cfg.force_image_size, self.max_tiles, cfg.use_thumbnail)
@@ -87,6 +92,23 @@ class Embedder:
         tiles = self.tiles(item.image) if item.image is not None else None
         ids = self.prompter.encode(item.text, 0 if tiles is None else len(tiles), item.input_type, truncate,
                                    max_tokens)
+        return PreparedInput(ids, tiles)
+
+    def prepared_from_ids(self, token_ids, image: Image.Image | None) -> PreparedInput:
+        """An input tokenised elsewhere (by `prompter.encode`): checks the ids and that its image block fits."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= self.config.text.vocab_size:
+            raise ValueError(f"token ids must be a non-empty list in [0, {self.config.text.vocab_size})")
+        ids = ids.astype(np.int32)
+        tiles = self.tiles(image) if image is not None else None
+        special = self.prompter.special
+        starts = np.flatnonzero(ids == special.img_start)
+        if tiles is not None:
+            block = len(tiles) * self.config.tokens_per_tile
+            at = int(starts[0]) + 1 if len(starts) else -1
+            if at < 0 or at + block > len(ids) or not np.all(ids[at:at + block] == special.img_context):
+                raise ValueError(f"the prompt has no block of {block} image tokens for this image's "
+                                 f"{len(tiles)} tiles")
         return PreparedInput(ids, tiles)
 
     # ---- device side -----------------------------------------------------------------------------------------

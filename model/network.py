@@ -5,7 +5,8 @@ The network knows nothing of batching policy: it takes one padded batch and retu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,20 +73,26 @@ class NemotronEmbedVL(nnx.Module):
         vision = self.vision_model(normalize_pixels(pixels, self.dtype))  # [N, P, Dv]
         return self.mlp1(pixel_shuffle(vision, self.cfg.shuffle_factor))
 
-    def input_embeddings(self, batch: Batch) -> jax.Array:
-        """Token embeddings with image features spliced in at `<IMG_CONTEXT>` positions: [B, T, D]."""
-        embeds = self.language_model.embed_tokens(batch.input_ids).astype(self.dtype)
-        if batch.pixels is None:
+    def input_embeddings(self, input_ids: jax.Array, image_index: jax.Array | None,
+                         features: jax.Array | None) -> jax.Array:
+        """Token embeddings with image features [F, D] spliced in at `<IMG_CONTEXT>` positions: [B, T, D]."""
+        embeds = self.language_model.embed_tokens(input_ids).astype(self.dtype)
+        if features is None:
             return embeds
-        features = self.image_features(batch.pixels)
-        features = features.reshape(-1, features.shape[-1])  # [N·tokens_per_tile, D]
-        spliced = features[jnp.maximum(batch.image_index, 0)]
-        return jnp.where(batch.image_index[..., None] >= 0, spliced, embeds)
+        spliced = features.astype(self.dtype)[jnp.maximum(image_index, 0)]
+        return jnp.where(image_index[..., None] >= 0, spliced, embeds)
+
+    def pool(self, embeds: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Decoder, masked mean, L2 normalisation: [B, T, D] -> [B, D] float32."""
+        return l2_normalize(masked_mean(self.language_model(embeds, lengths), lengths))
 
     def __call__(self, batch: Batch) -> jax.Array:
         """-> L2-normalised embeddings [B, D], float32."""
-        hidden = self.language_model(self.input_embeddings(batch), batch.lengths)
-        return l2_normalize(masked_mean(hidden, batch.lengths))
+        features = None
+        if batch.pixels is not None:
+            features = self.image_features(batch.pixels)
+            features = features.reshape(-1, features.shape[-1])  # [N·tokens_per_tile, D]
+        return self.pool(self.input_embeddings(batch.input_ids, batch.image_index, features), batch.lengths)
 
 
 def build_abstract(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -114,3 +121,37 @@ def make_forward(graphdef: nnx.GraphDef):
         return nnx.merge(graphdef, state)(batch)
 
     return forward
+
+
+class Staged(NamedTuple):
+    """The forward pass in stages, each a pure jit-compiled function, for an engine that buckets them apart:
+
+    vision(state, pixels [N, S, S, C], capacity) -> features [capacity·tokens_per_tile, D], zero-padded, so
+      the decoder sees one feature shape whatever the tile bucket;
+    text(state, input_ids, lengths) -> [B, D]: never runs the vision tower;
+    multimodal(state, input_ids, lengths, image_index, features) -> [B, D].
+    """
+
+    vision: Any
+    text: Any
+    multimodal: Any
+
+
+def make_staged(graphdef: nnx.GraphDef) -> Staged:
+    @functools.partial(jax.jit, static_argnames="capacity")
+    def vision(state, pixels, capacity: int):
+        features = nnx.merge(graphdef, state).image_features(pixels)  # [N, tokens_per_tile, D]
+        features = jnp.pad(features, ((0, capacity - features.shape[0]), (0, 0), (0, 0)))
+        return features.reshape(-1, features.shape[-1])
+
+    @jax.jit
+    def text(state, input_ids, lengths):
+        model = nnx.merge(graphdef, state)
+        return model.pool(model.input_embeddings(input_ids, None, None), lengths)
+
+    @jax.jit
+    def multimodal(state, input_ids, lengths, image_index, features):
+        model = nnx.merge(graphdef, state)
+        return model.pool(model.input_embeddings(input_ids, image_index, features), lengths)
+
+    return Staged(vision, text, multimodal)

@@ -1,0 +1,63 @@
+"""Shared helpers for the benchmarks: random checkpoints, workloads and the machine's name."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+WORDS = ("the of index table chart page scanned vector retrieval query passage model image text figure revenue "
+         "quarter growth report summary method result dataset benchmark latency throughput memory").split()
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    gpu = ""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().replace("\n", ", ")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{cpu} ({os.cpu_count()} cores)" + (f", GPU: {gpu}" if gpu else "")
+
+
+def checkpoint(size: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
+    """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory."""
+    from conversion.convert import convert
+    from conversion.random_checkpoint import write_random_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
+    src = write_random_checkpoint(root / "hf", size=size, seed=seed, dtype=dtype)
+    convert(src, root / "converted", progress=False)
+    return src, root / "converted"
+
+
+def text_of_tokens(prompter, n_tokens: int, seed: int) -> str:
+    """Random words, grown until the tokenizer makes about `n_tokens` tokens of them."""
+    rng = np.random.default_rng(seed)
+    words = list(rng.choice(WORDS, n_tokens))
+    while len(prompter.tokenizer.encode(" ".join(words)).ids) > n_tokens:
+        words.pop()
+    return " ".join(words)
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [np.sin(x * a * 6.28 + rng.uniform(0, 6)) * np.cos(y * b * 6.28) for a, b in rng.uniform(1, 9, (3, 2))]
+    pixels = (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 12, (height, width, 3))).clip(0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))

@@ -1,0 +1,76 @@
+"""The fixed set of shapes a forward pass may take, so every one is compiled before serving.
+
+Length buckets grow by about 1.5× (at most a third of a pass is padding); rows per pass come from a padded-token
+budget (a long input never shares a pass with many others, short ones are never padded to a long one's length);
+tiles per vision pass are powers of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def length_buckets(max_length: int, smallest: int = 16, growth: float = 1.5, align: int = 16) -> tuple[int, ...]:
+    out, n = [], smallest
+    while n < max_length:
+        out.append(n)
+        n = max(n + align, round_up(int(n * growth), align))
+    out.append(round_up(max_length, align))
+    return tuple(out)
+
+
+def geometric(cap: int, factor: int) -> tuple[int, ...]:
+    """1, factor, factor², … below `cap`, then `cap`."""
+    out, n = [], 1
+    while n < cap:
+        out.append(n)
+        n *= factor
+    return tuple(out) + (cap,)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    max_length: int  # the longest input allowed, in tokens
+    max_batch_tokens: int  # padded tokens (rows × length) per forward pass
+    max_rows: int
+    max_tiles: int  # tiles per vision pass (an image has up to max_tiles_per_image)
+    min_image_length: int  # the shortest prompt that holds an image
+    row_factor: int = 4
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return length_buckets(self.max_length)
+
+    @property
+    def tiles(self) -> tuple[int, ...]:
+        return geometric(self.max_tiles, 2)
+
+    def row_cap(self, length: int, image: bool = False) -> int:
+        cap = max(1, min(self.max_rows, self.max_batch_tokens // length))
+        return min(cap, self.max_tiles) if image else cap
+
+    def rows(self, length: int, image: bool = False) -> tuple[int, ...]:
+        return geometric(self.row_cap(length, image), self.row_factor)
+
+    def length_for(self, n_tokens: int) -> int:
+        for bucket in self.lengths:
+            if n_tokens <= bucket:
+                return bucket
+        raise ValueError(f"{n_tokens} tokens exceed the longest bucket {self.lengths[-1]}")
+
+    def rows_for(self, n_rows: int, length: int, image: bool = False) -> int:
+        return next(r for r in self.rows(length, image) if r >= n_rows)
+
+    def tiles_for(self, n_tiles: int) -> int:
+        return next(t for t in self.tiles if t >= n_tiles)
+
+    def text_shapes(self) -> list[tuple[int, int]]:
+        return [(r, length) for length in self.lengths for r in self.rows(length)]
+
+    def image_shapes(self) -> list[tuple[int, int]]:
+        return [(r, length) for length in self.lengths if length >= self.min_image_length
+                for r in self.rows(length, image=True)]

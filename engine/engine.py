@@ -1,0 +1,282 @@
+"""The engine between the service and the model: it owns the batching policy.
+
+One `embed` call takes the inputs of many requests and:
+1. prepares them on the host in a thread pool (image decode, tiling, tokenisation): a bad input becomes an error
+   in its own slot, never an exception for its batch-mates;
+2. sorts them by length and packs them into forward passes under a padded-token budget, text and image inputs
+   apart (text passes never run the vision tower);
+3. pads every pass to a precompiled bucket (`BucketPlan`), so nothing compiles while serving;
+4. dispatches the passes asynchronously, so the host collates pass k+1 while the device runs pass k.
+
+It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from engine.buckets import BucketPlan
+from model.batching import PreparedInput
+from model.embedder import Embedder
+from model.tokenization import InputTooLongError
+from model.network import make_staged
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineItem:
+    """One input as the engine receives it.
+
+    `image` may be encoded bytes (decoded in the pool) or a PIL image. `token_ids`, when the caller has already
+    tokenised the prompt (to validate it and count usage), are used as they are instead of `text`.
+    """
+
+    text: str | None = None
+    token_ids: Sequence[int] | None = None
+    image: bytes | Image.Image | None = None
+    input_type: str = "passage"
+    truncate: str = "NONE"
+    max_tokens: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_length: int = 10240
+    max_batch_tokens: int = 16384
+    max_rows: int = 64
+    max_tiles: int = 8
+    row_factor: int = 4
+    host_threads: int = 4
+
+    @classmethod
+    def for_backend(cls, backend: str | None = None, **overrides) -> EngineConfig:
+        """Defaults that suit the backend: large passes on a GPU, small ones on a CPU."""
+        backend = backend or jax.default_backend()
+        base = dict(max_batch_tokens=65536, max_rows=128, max_tiles=32) if backend == "gpu" else \
+            dict(max_batch_tokens=8192, max_rows=64, max_tiles=8)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+class Observer(Protocol):
+    """Hooks for metrics; every method is optional."""
+
+    def on_compile(self, kind: str, seconds: float, after_ready: bool) -> None: ...
+    def on_pass(self, kind: str, rows: int, length: int, inputs: int, real_tokens: int, tiles: int,
+                seconds: float) -> None: ...
+
+
+@dataclasses.dataclass
+class EngineStats:
+    compilations: int = 0
+    compilations_after_ready: int = 0
+    passes: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    warmup_seconds: float = 0.0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+class Engine:
+    def __init__(self, embedder: Embedder, config: EngineConfig | None = None, observer: Observer | None = None):
+        self.embedder = embedder
+        self.config = config or EngineConfig.for_backend()
+        self.observer = observer
+        cfg = embedder.config
+        # The shortest prompt holding an image: BOS, prefix, <img>, one tile, </img>, space.
+        shortest_image = len(embedder.prompter.encode(None, 1, "passage"))
+        max_tiles = max(self.config.max_tiles, embedder.num_tiles_max)
+        self.plan = BucketPlan(
+            max_length=self.config.max_length,
+            max_batch_tokens=max(self.config.max_batch_tokens, self.config.max_length),
+            max_rows=self.config.max_rows, max_tiles=1 << (max_tiles - 1).bit_length(),
+            min_image_length=shortest_image, row_factor=self.config.row_factor,
+        )
+        self.feature_capacity = self.plan.max_tiles
+        self.stats = EngineStats()
+        self.ready = False
+        self._staged = make_staged(embedder.graphdef)
+        self._compiled: dict[tuple, Any] = {}
+        self._compile_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.config.host_threads, thread_name_prefix="engine-host")
+        self._tile_shape = (cfg.force_image_size, cfg.force_image_size, cfg.vision.num_channels)
+
+    # ---- compilation ----------------------------------------------------------------------------------------
+    def _executable(self, key: tuple) -> Any:
+        """The compiled function for one bucket; compiling here after warm-up is counted as a miss."""
+        fn = self._compiled.get(key)
+        if fn is not None:
+            return fn
+        start = time.perf_counter()
+        fn = self._lower(key).compile()  # outside the lock: warm-up compiles several buckets at once
+        seconds = time.perf_counter() - start
+        with self._compile_lock:
+            if key in self._compiled:
+                return self._compiled[key]
+            self._compiled[key] = fn
+            self.stats.compilations += 1
+            if self.ready:
+                self.stats.compilations_after_ready += 1
+                log.warning("compiled %s after ready (%.2fs): the bucket plan missed a shape", key, seconds)
+            if self.observer:
+                self.observer.on_compile(key[0], seconds, self.ready)
+            return fn
+
+    def _lower(self, key: tuple):
+        state = self.embedder.state
+        spec = jax.ShapeDtypeStruct
+        kind = key[0]
+        if kind == "vision":
+            return self._staged.vision.lower(state, spec((key[1], *self._tile_shape), jnp.uint8),
+                                             capacity=self.feature_capacity)
+        rows, length = key[1], key[2]
+        ids, lengths = spec((rows, length), jnp.int32), spec((rows,), jnp.int32)
+        if kind == "text":
+            return self._staged.text.lower(state, ids, lengths)
+        features = spec((self.feature_capacity * self.embedder.config.tokens_per_tile,
+                         self.embedder.config.embedding_size), jnp.dtype(self.embedder.dtype))
+        return self._staged.multimodal.lower(state, ids, lengths, spec((rows, length), jnp.int32), features)
+
+    def bucket_keys(self) -> list[tuple]:
+        keys: list[tuple] = [("text", r, n) for r, n in self.plan.text_shapes()]
+        keys += [("vision", t) for t in self.plan.tiles]
+        keys += [("multimodal", r, n) for r, n in self.plan.image_shapes()]
+        return keys
+
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> float:
+        """Compile every bucket, then run one text and one image pass. Returns the seconds it took."""
+        start = time.perf_counter()
+        keys = self.bucket_keys()
+        # XLA compiles one executable on one core: compile as many at once as there are cores.
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            for i, _ in enumerate(pool.map(self._executable, keys)):
+                if progress:
+                    progress(i + 1, len(keys))
+        side = self.embedder.config.force_image_size
+        probe = [EngineItem(text="warm-up", input_type="query"),
+                 EngineItem(image=Image.new("RGB", (side, side), (127, 127, 127)), input_type="passage")]
+        for result in self.embed(probe):
+            if isinstance(result, Exception):
+                raise result
+        self.stats.warmup_seconds = time.perf_counter() - start
+        self.ready = True
+        log.info("warm-up: %d buckets compiled in %.1fs", len(keys), self.stats.warmup_seconds)
+        return self.stats.warmup_seconds
+
+    # ---- host side ------------------------------------------------------------------------------------------
+    def prepare(self, item: EngineItem) -> PreparedInput:
+        image = item.image
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(image)) as decoded:
+                decoded.load()
+                image = decoded.convert("RGB")
+        if item.token_ids is None:
+            return self.embedder.prepare({"text": item.text, "image": image, "input_type": item.input_type},
+                                         item.truncate, item.max_tokens)
+        return self.embedder.prepared_from_ids(item.token_ids, image)
+
+    def _prepare_safely(self, item: EngineItem) -> PreparedInput | Exception:
+        try:
+            prepared = self.prepare(item)
+        except Exception as e:  # one input's failure is reported in its own slot
+            return e
+        if prepared.num_tokens > self.plan.lengths[-1]:
+            return InputTooLongError(prepared.num_tokens, self.plan.lengths[-1])
+        return prepared
+
+    def pack(self, prepared: dict[int, PreparedInput]) -> list[tuple[bool, list[int]]]:
+        """(is_image, input indices) per forward pass: sorted by length, greedy under the token and tile budgets."""
+        passes: list[tuple[bool, list[int]]] = []
+        for image in (False, True):
+            members = sorted((i for i, p in prepared.items() if (p.num_tiles > 0) == image),
+                             key=lambda i: prepared[i].num_tokens)
+            current: list[int] = []
+            tiles = 0
+            for i in members:
+                p = prepared[i]
+                length = self.plan.length_for(p.num_tokens)  # ascending order: the pass's longest so far
+                fits = (len(current) + 1 <= self.plan.row_cap(length, image)
+                        and tiles + p.num_tiles <= self.plan.max_tiles)
+                if current and not fits:
+                    passes.append((image, current))
+                    current, tiles = [], 0
+                current.append(i)
+                tiles += p.num_tiles
+            if current:
+                passes.append((image, current))
+        return passes
+
+    # ---- device side ----------------------------------------------------------------------------------------
+    def _dispatch(self, image: bool, members: list[PreparedInput]):
+        """Collate one pass into its bucket and launch it; returns the (not yet ready) device result."""
+        plan = self.plan
+        length = plan.length_for(max(p.num_tokens for p in members))
+        rows = plan.rows_for(len(members), length, image)
+        tiles = plan.tiles_for(sum(p.num_tiles for p in members)) if image else 0
+        batch = self.embedder.collate(members, length=length, rows=rows, tiles=tiles)
+        state = self.embedder.state
+        if image:
+            features = self._executable(("vision", tiles))(state, batch.pixels)
+            out = self._executable(("multimodal", rows, length))(state, batch.input_ids, batch.lengths,
+                                                                   batch.image_index, features)
+        else:
+            out = self._executable(("text", rows, length))(state, batch.input_ids, batch.lengths)
+        real = sum(p.num_tokens for p in members)
+        self.stats.passes += 1
+        self.stats.real_tokens += real
+        self.stats.computed_tokens += rows * length
+        return out, ("multimodal" if image else "text", rows, length, len(members), real, tiles)
+
+    def embed(self, items: list[EngineItem]) -> list[np.ndarray | Exception]:
+        """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised."""
+        results: list[np.ndarray | Exception] = list(self._pool.map(self._prepare_safely, items))
+        prepared = {i: r for i, r in enumerate(results) if isinstance(r, PreparedInput)}
+        launched = []
+        for image, indices in self.pack(prepared):
+            start = time.perf_counter()
+            try:
+                out, info = self._dispatch(image, [prepared[i] for i in indices])
+            except Exception as e:  # a device failure fails only this pass's inputs
+                log.exception("forward pass failed")
+                for i in indices:
+                    results[i] = e
+                continue
+            launched.append((indices, out, info, start))
+        for indices, out, info, start in launched:
+            try:
+                vectors = np.asarray(out)
+            except Exception as e:
+                log.exception("forward pass failed")
+                vectors = e
+            for row, i in enumerate(indices):
+                results[i] = vectors if isinstance(vectors, Exception) else vectors[row]
+            if self.observer and not isinstance(vectors, Exception):
+                self.observer.on_pass(*info, seconds=time.perf_counter() - start)
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def configure_compilation_cache(directory: str | None) -> None:
+    """A persistent XLA cache: the second start of a server loads its executables instead of compiling them."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

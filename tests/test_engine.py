@@ -1,0 +1,119 @@
+"""The engine: bucket plan, packing under budgets, warm-up, zero compilations after ready, per-item failures."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import BucketPlan, Engine, EngineConfig, EngineItem
+from engine.buckets import length_buckets
+
+
+def png(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_length_buckets_grow_by_at_most_half_and_end_at_the_limit():
+    buckets = length_buckets(10240)
+    assert buckets[0] == 16 and buckets[-1] == 10240
+    assert all(b % 16 == 0 for b in buckets)
+    assert all(b2 / b1 <= 1.7 or b2 - b1 == 16 for b1, b2 in zip(buckets, buckets[1:]))
+
+
+def test_plan_respects_the_token_budget():
+    plan = BucketPlan(max_length=10240, max_batch_tokens=16384, max_rows=64, max_tiles=8, min_image_length=270)
+    for rows, length in plan.text_shapes() + plan.image_shapes():
+        assert rows == 1 or rows * length <= 16384
+        assert rows <= 64
+    assert all(length >= 270 for _, length in plan.image_shapes())
+    assert all(rows <= 8 for rows, _ in plan.image_shapes())
+    assert plan.length_for(17) == 32 and plan.rows_for(5, 32) == 16 and plan.tiles_for(5) == 8
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_embedder):
+    engine = Engine(tiny_embedder, EngineConfig(max_length=160, max_batch_tokens=512, max_rows=32, max_tiles=8))
+    engine.warmup()
+    yield engine
+    engine.close()
+
+
+def test_warmup_compiles_every_bucket_once(engine):
+    assert engine.ready
+    assert engine.stats.compilations == len(engine.bucket_keys()) == len(set(engine.bucket_keys()))
+
+
+def mixed_items(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta page chart table figure scan".split()
+    items = []
+    for i in range(n):
+        kind = rng.integers(0, 4)
+        text = " ".join(rng.choice(words, int(rng.integers(1, 40))))
+        size = (int(rng.integers(20, 400)), int(rng.integers(20, 400)))
+        if kind == 0:
+            items.append(EngineItem(text=text, input_type="query"))
+        elif kind == 1:
+            items.append(EngineItem(text=text, input_type="passage"))
+        elif kind == 2:
+            items.append(EngineItem(image=png(*size, seed=i)))
+        else:
+            items.append(EngineItem(text=text[:80], image=png(*size, seed=i)))
+    return items
+
+
+def as_dict(item):
+    image = Image.open(io.BytesIO(item.image)) if item.image is not None else None
+    return {"text": item.text, "image": image, "input_type": item.input_type}
+
+
+def test_vectors_equal_the_embedders_and_nothing_compiles_after_ready(engine, tiny_embedder):
+    items = mixed_items(40)
+    results = engine.embed(items)
+    expected = tiny_embedder.embed([as_dict(i) for i in items])
+    for got, want in zip(results, expected):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    for seed in range(1, 4):  # other mixes, other pass shapes
+        engine.embed(mixed_items(int(np.random.default_rng(seed).integers(1, 30)), seed=seed))
+    assert engine.stats.compilations_after_ready == 0
+
+
+def test_token_ids_path_matches_text_path(engine, tiny_embedder):
+    image = png(120, 90, seed=7)
+    tiles = tiny_embedder.num_tiles(120, 90)
+    ids = tiny_embedder.prompter.encode("a caption", tiles, "passage")
+    by_ids, by_text = engine.embed([EngineItem(token_ids=ids.tolist(), image=image),
+                                    EngineItem(text="a caption", image=image)])
+    np.testing.assert_allclose(by_ids, by_text, atol=1e-6)
+
+
+def test_a_bad_input_fails_only_its_own_slot(engine):
+    items = [EngineItem(text="fine", input_type="query"), EngineItem(image=b"not an image"),
+             EngineItem(text="x " * 400, input_type="query", max_tokens=50),  # too long, NONE truncation
+             EngineItem(token_ids=[1, 2, 10**9]), EngineItem(image=png(64, 64), input_type="passage"),
+             EngineItem(text="y " * 400, input_type="passage")]  # longer than the engine's longest bucket
+    results = engine.embed(items)
+    assert isinstance(results[0], np.ndarray) and isinstance(results[4], np.ndarray)
+    assert all(isinstance(r, Exception) for r in results[1:4] + results[5:])
+    assert "exceeds maximum allowed token size 50" in str(results[2])
+    assert "exceeds maximum allowed token size 160" in str(results[5])
+
+
+def test_passes_are_sorted_by_length_and_fit_their_buckets(engine, tiny_embedder):
+    items = mixed_items(30, seed=9)
+    prepared = {i: engine.prepare(item) for i, item in enumerate(items)}
+    passes = engine.pack(prepared)
+    seen = sorted(i for _, members in passes for i in members)
+    assert seen == list(range(len(items)))
+    for image, members in passes:
+        lengths = [prepared[i].num_tokens for i in members]
+        assert lengths == sorted(lengths)
+        assert all((prepared[i].num_tiles > 0) == image for i in members)
+        length = engine.plan.length_for(max(lengths))
+        assert len(members) <= engine.plan.row_cap(length, image)
+        assert sum(prepared[i].num_tiles for i in members) <= engine.plan.max_tiles
