@@ -1,6 +1,6 @@
 """The fixed set of shapes a forward pass may take, so every one is compiled before serving.
 
-Length buckets grow by about 1.5× (at most a third of a pass is padding); rows per pass come from a padded-token
+Length buckets grow by 1.5× or 1.33× (at most a third of a pass is padding); rows per pass come from a padded-token
 budget (a long input never shares a pass with many others, short ones are never padded to a long one's length);
 tiles per vision pass are powers of two.
 """
@@ -14,13 +14,15 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def length_buckets(max_length: int, smallest: int = 16, growth: float = 1.5, align: int = 16) -> tuple[int, ...]:
-    out, n = [], smallest
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """16, 24, 32, 48, 64, 96, …: powers of two and 1.5× them (matmul-friendly, at most a third padding), then
+    `max_length` itself rounded up to 16."""
+    out, n = set(), smallest
     while n < max_length:
-        out.append(n)
-        n = max(n + align, round_up(int(n * growth), align))
-    out.append(round_up(max_length, align))
-    return tuple(out)
+        out.update({n, n * 3 // 2})
+        n *= 2
+    top = round_up(max_length, 16)
+    return tuple(sorted(b for b in out if b < top)) + (top,)
 
 
 def geometric(cap: int, factor: int) -> tuple[int, ...]:

@@ -9,6 +9,9 @@ H head dim, D model width, F MLP width, P patches, S tile side.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -55,7 +58,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | Non
     q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]. implementation: "cudnn" or "xla" (jax's kernels),
     "blocked" (one head at a time, for CPUs), None for the backend's best.
     """
-    implementation = implementation or default_attention(q.shape[1], q.dtype)
+    implementation = implementation or default_attention(q.shape[1], q.dtype, q.shape[-1])
     if implementation == "blocked":
         return blocked_attention(q, k, v, lengths)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
@@ -65,11 +68,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | Non
 _BLOCKED_MIN_LENGTH = 256
 
 
-def default_attention(length: int, dtype) -> str:
-    """cuDNN's fused kernel on GPUs (it needs 16-bit inputs), the blocked loop for long inputs on CPUs."""
+def default_attention(length: int, dtype, head_dim: int = 64) -> str:
+    """cuDNN's fused kernel on GPUs (16-bit inputs, where this cuDNN accepts the head size), the blocked loop for
+    long inputs on CPUs, XLA's kernel otherwise."""
     if jax.default_backend() == "gpu":
-        return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
+        return "cudnn" if jnp.dtype(dtype).itemsize == 2 and cudnn_supports(head_dim, jnp.dtype(dtype).name) else "xla"
     return "blocked" if length >= _BLOCKED_MIN_LENGTH else "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_supports(head_dim: int, dtype: str) -> bool:
+    """Whether cuDNN's fused attention runs for this head size here (it depends on the cuDNN and GPU versions)."""
+    x = jnp.zeros((1, 64, 2, head_dim), dtype)
+    try:
+        jax.block_until_ready(jax.nn.dot_product_attention(
+            x, x, x, key_value_seq_lengths=jnp.array([40], jnp.int32), implementation="cudnn"))
+        return True
+    except Exception as e:  # not built with cuDNN, or an unsupported shape: XLA's kernel still works
+        logging.getLogger(__name__).warning("cuDNN attention unavailable for head_dim %d (%s): using XLA's", head_dim, e)
+        return False
 
 
 # Heads computed per step of the blocked loop: 2 was fastest on a 2-core CPU (4x the fused kernel for

@@ -20,8 +20,9 @@ def png(width, height, seed=0):
 def test_length_buckets_grow_by_at_most_half_and_end_at_the_limit():
     buckets = length_buckets(10240)
     assert buckets[0] == 16 and buckets[-1] == 10240
-    assert all(b % 16 == 0 for b in buckets)
-    assert all(b2 / b1 <= 1.7 or b2 - b1 == 16 for b1, b2 in zip(buckets, buckets[1:]))
+    assert buckets[:8] == (16, 24, 32, 48, 64, 96, 128, 192) and 512 in buckets and 8192 in buckets
+    assert all(b % 8 == 0 for b in buckets)
+    assert all(b2 / b1 <= 1.5 for b1, b2 in zip(buckets, buckets[1:]))
 
 
 def test_plan_respects_the_token_budget():
@@ -31,7 +32,7 @@ def test_plan_respects_the_token_budget():
         assert rows <= 64
     assert all(length >= 270 for _, length in plan.image_shapes())
     assert all(rows <= 8 for rows, _ in plan.image_shapes())
-    assert plan.length_for(17) == 32 and plan.rows_for(5, 32) == 16 and plan.tiles_for(5) == 8
+    assert plan.length_for(17) == 24 and plan.length_for(25) == 32 and plan.rows_for(5, 32) == 16 and plan.tiles_for(5) == 8
 
 
 @pytest.fixture(scope="module")
