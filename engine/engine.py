@@ -60,6 +60,7 @@ class EngineConfig:
     max_tiles: int = 8
     row_factor: int = 4
     host_threads: int = 4
+    image_formats: tuple[str, ...] | None = None  # Pillow formats an encoded image may be (None: any)
 
     @classmethod
     def for_backend(cls, backend: str | None = None, **overrides) -> EngineConfig:
@@ -183,7 +184,7 @@ class Engine:
     def prepare(self, item: EngineItem) -> PreparedInput:
         image = item.image
         if isinstance(image, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(image)) as decoded:
+            with Image.open(io.BytesIO(image), formats=self.config.image_formats) as decoded:
                 decoded.load()
                 image = decoded.convert("RGB")
         if item.token_ids is None:

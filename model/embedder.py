@@ -96,9 +96,14 @@ class Embedder:
 
     def prepared_from_ids(self, token_ids, image: Image.Image | None) -> PreparedInput:
         """An input tokenised elsewhere (by `prompter.encode`): checks the ids and that its image block fits."""
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= self.config.text.vocab_size:
-            raise ValueError(f"token ids must be a non-empty list in [0, {self.config.text.vocab_size})")
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError):
+            ids = np.asarray([-1])
+        if ids.ndim != 1 or not len(ids):
+            raise ValueError("token_ids must be a non-empty list of integers")
+        if ids.min() < 0 or ids.max() >= self.config.text.vocab_size:
+            raise ValueError(f"token_ids must lie in [0, {self.config.text.vocab_size})")
         ids = ids.astype(np.int32)
         tiles = self.tiles(image) if image is not None else None
         special = self.prompter.special

@@ -1,0 +1,17 @@
+"""The NIM-compatible HTTP service around `model.Embedder`.
+
+`service.py` (repo root) is the transport: the BentoML service and its routes, one short handler each.
+This package is the core it stands on, none of it aware of BentoML:
+
+    settings.py   configuration from environment variables, read once
+    schemas.py    request bodies and the batch items that cross BentoML's batcher
+    errors.py     typed errors, each with its HTTP status and NIM type
+    inputs.py     data URLs, modality inference, image checks from the header alone
+    prepare.py    one request -> validated, tokenised batch items (before batching)
+    runner.py     batch items -> vectors or per-item errors (the seam for a bucketing engine)
+    encoding.py   dimensions, embedding types and base64
+    http.py       the Starlette plumbing: body limit, error shapes, 404/405
+    metrics.py    Prometheus metrics (multi-process aware)
+    info.py       bodies of /v1/models, health, metadata, manifest, license and version
+    lifecycle.py  loads and warms the model in the background so probes answer meanwhile
+"""

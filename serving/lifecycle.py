@@ -1,0 +1,52 @@
+"""Load and warm the model on a background thread, so that the server answers probes while it loads:
+live 200 and ready 503 until the warm-up has compiled, then ready 200; live 503 if loading failed.
+
+(Loading inside the worker's start-up hooks would keep the socket bound but silent: probes would hang, not fail.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Background(Generic[T]):
+    def __init__(self, load: Callable[[], T], *, delay_s: float = 0.0, name: str = "model"):
+        self._load, self._delay_s, self.name = load, delay_s, name
+        self.value: T | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"load-{name}", daemon=True)
+
+    def start(self) -> Background[T]:
+        self._thread.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self.value is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.ready
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        try:
+            if self._delay_s:
+                time.sleep(self._delay_s)
+            value = self._load()
+        except Exception as e:  # noqa: BLE001 - reported through the health probes and the log
+            logger.exception("loading the %s failed", self.name)
+            self.error = f"{self.name} failed to load: {type(e).__name__}: {e}"
+            return
+        self.value = value
+        logger.info("%s loaded and warmed up in %.1f s", self.name, time.monotonic() - start)

@@ -1,0 +1,90 @@
+"""One request -> validated, tokenised batch items: everything that can fail for a client's reason fails here,
+before anything is batched, so that one bad input never reaches a batch-mate.
+
+The image header (not its pixels) gives the tile count, hence the exact token count: token limits and `usage` are
+known before the forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from model import Embedder
+from serving.errors import BadRequestError, NotFoundError
+from serving.inputs import ParsedInput, inspect_image, parse_input
+from serving.schemas import BatchItem, EmbeddingRequest
+from serving.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    items: list[BatchItem]
+    modalities: list[str]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [len(item.token_ids or ()) for item in self.items]
+
+
+def model_input_type(model: str, served: str) -> str | None:
+    """The input_type a model id implies: NIM accepts `<id>-query` / `<id>-passage` for plain OpenAI clients."""
+    if model == served:
+        return None
+    for input_type in ("query", "passage"):
+        if model == f"{served}-{input_type}":
+            return input_type
+    raise NotFoundError(f"model '{model}' not found; available: '{served}'")
+
+
+def default_input_type(modality: str) -> str:
+    """NIM's default: images are documents, bare text is a query."""
+    return "query" if modality == "text" else "passage"
+
+
+def prepare_item(parsed: ParsedInput, input_type: str | None, truncate: str, embedder: Embedder,
+                 settings: Settings) -> BatchItem:
+    """Raises ValueError (InputTooLongError included) with a message for the client."""
+    input_type = input_type or default_input_type(parsed.modality)
+    tiles = 0
+    if parsed.image is not None:
+        if input_type != "passage":
+            raise ValueError("image inputs are supported only with input_type 'passage' or when input_type is "
+                             f"omitted; got '{input_type}'")
+        info = inspect_image(parsed.image, max_bytes=settings.max_image_bytes,
+                             max_short_side=settings.max_image_short_side,
+                             max_long_side=settings.max_image_long_side)
+        tiles = embedder.num_tiles(info.width, info.height)
+    ids = embedder.prompter.encode(parsed.text, tiles, input_type, truncate, settings.max_tokens(parsed.modality))
+    return BatchItem(token_ids=ids.tolist(), image=parsed.image)
+
+
+def prepare_request(request: EmbeddingRequest, input_type: str | None, embedder: Embedder,
+                    settings: Settings) -> PreparedRequest:
+    """`input_type`: the body's, else the one the model suffix implies, else None (per-modality default)."""
+    if len(request.input) > settings.max_inputs:
+        raise BadRequestError(f"input has {len(request.input)} items; at most {settings.max_inputs} are allowed "
+                              "per request")
+    truncate = request.truncate or "NONE"
+    items, modalities = [], []
+    for i, value in enumerate(request.input):
+        try:
+            parsed = parse_input(value, request.modality_of(i))
+            items.append(prepare_item(parsed, input_type, truncate, embedder, settings))
+        except ValueError as e:
+            raise BadRequestError(f"input[{i}]: {e}") from None
+        modalities.append(parsed.modality)
+    return PreparedRequest(items, modalities)
+
+
+def complete_item(item: BatchItem, embedder: Embedder, settings: Settings) -> BatchItem:
+    """Tokenise an item that a direct BentoML client sent as text/image (truncate NONE). Raises ValueError."""
+    if item.token_ids is not None:
+        return item
+    image = item.image
+    if image is not None and image.startswith("data:"):
+        image = image.partition(",")[2]  # a data URL's payload; its header is not needed to decode the image
+    if image is None and not (item.text or "").strip():
+        raise ValueError("an item needs token_ids, text or an image")
+    modality = "text" if image is None else ("text_image" if (item.text or "").strip() else "image")
+    parsed = ParsedInput(modality, item.text, image)
+    return prepare_item(parsed, item.input_type, "NONE", embedder, settings)

@@ -1,0 +1,97 @@
+"""Configuration from environment variables, validated once at start-up into a frozen object.
+
+Every field's alias is its environment variable; `Settings.from_env()` is the only reader of the environment, so
+the class below is the whole configuration surface.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from conversion.resolve import DEFAULT_REPO_ID as DEFAULT_MODEL_ID
+
+MiB = 1 << 20
+
+
+class Settings(BaseModel):
+    # Frozen: read once, shared by every request; protected_namespaces off because fields start with "model_".
+    model_config = ConfigDict(frozen=True, populate_by_name=True, protected_namespaces=(), extra="forbid")
+
+    # ---- the model ----------------------------------------------------------------------------------------------
+    model: str = Field(DEFAULT_MODEL_ID, alias="EMBED_MODEL", min_length=1,
+                       description="Hub id, Hugging Face layout directory or converted directory")
+    model_revision: str | None = Field(None, alias="EMBED_MODEL_REVISION", description="Hub revision (Hub ids only)")
+    model_name: str = Field(DEFAULT_MODEL_ID, alias="EMBED_MODEL_NAME", min_length=1,
+                            description="served model id (`model` in requests, /v1/models)")
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, alias="EMBED_DTYPE", description="compute dtype; default bfloat16 on GPU, float32 on CPU")
+    max_tiles: int = Field(6, alias="EMBED_MAX_TILES", ge=1, description="image tiles before the thumbnail")
+
+    # ---- request limits (the API contract) -------------------------------------------------------------------
+    # Tokens per input, counted with BOS, the prompt prefix and the image tokens.
+    max_tokens_text: int = Field(8192, alias="EMBED_MAX_TOKENS_TEXT", ge=8, description="tokens of a text input")
+    max_tokens_image: int = Field(2048, alias="EMBED_MAX_TOKENS_IMAGE", ge=8, description="tokens of an image input")
+    max_tokens_text_image: int = Field(10240, alias="EMBED_MAX_TOKENS_TEXT_IMAGE", ge=8,
+                                       description="tokens of a text+image input")
+    max_inputs: int = Field(2048, alias="EMBED_MAX_INPUTS", ge=1, description="inputs per request")
+    max_body_bytes: int = Field(128 * MiB, alias="EMBED_MAX_BODY_BYTES", ge=1024, description="request body (413)")
+    max_image_bytes: int = Field(25 * MiB, alias="EMBED_MAX_IMAGE_BYTES", ge=1, description="decoded image payload")
+    max_image_short_side: int = Field(8192, alias="EMBED_MAX_IMAGE_SHORT_SIDE", ge=1,
+                                      description="pixels, either orientation")
+    max_image_long_side: int = Field(16384, alias="EMBED_MAX_IMAGE_LONG_SIDE", ge=1,
+                                     description="pixels, either orientation")
+
+    # ---- batching and time limits ----------------------------------------------------------------------------
+    max_wait_ms: int = Field(10, alias="NIM_MAX_WAIT_MS", ge=0,
+                             description="longest a request is held for a batch to fill")
+    max_latency_ms: int = Field(60_000, alias="NIM_MAX_LATENCY_MS", ge=100,
+                                description="BentoML batcher's latency bound: past it a queued request gets 503")
+    max_batch_size: int = Field(128, alias="EMBED_MAX_BATCH_SIZE", ge=2, description="inputs per dispatched batch")
+    request_timeout_s: float = Field(300.0, alias="NIM_REQUEST_TIMEOUT_S", gt=0, description="504 after this")
+    decode_threads: int = Field(4, alias="EMBED_DECODE_THREADS", ge=1,
+                                description="host threads for image decoding, tiling and collation")
+
+    # ---- the engine: forward-pass buckets (every one is compiled before ready) -------------------------------
+    max_batch_tokens: int | None = Field(None, alias="EMBED_MAX_BATCH_TOKENS", ge=16,
+                                         description="padded tokens per forward pass; default 65536 GPU, 8192 CPU")
+    max_rows: int | None = Field(None, alias="EMBED_MAX_ROWS", ge=1,
+                                 description="inputs per forward pass; default 128 GPU, 64 CPU")
+    max_tiles_per_pass: int | None = Field(None, alias="EMBED_MAX_TILES_PER_PASS", ge=1,
+                                           description="image tiles per vision pass; default 32 GPU, 8 CPU")
+    compilation_cache: str | None = Field(None, alias="EMBED_COMPILATION_CACHE",
+                                          description="persistent XLA cache directory; default $EMBED_CACHE_DIR/xla")
+    gpu_memory_fraction: float | None = Field(None, alias="EMBED_GPU_MEMORY_FRACTION", gt=0, le=1,
+                                              description="share of GPU memory this process preallocates "
+                                                          "(JAX's default 0.75; lower it to share a GPU)")
+    startup_delay_s: float = Field(0.0, alias="EMBED_STARTUP_DELAY_S", ge=0,
+                                   description="sleep before loading the model (to test readiness probes)")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build from the environment; an empty variable counts as unset. Raises ValueError naming each bad one."""
+        environ = os.environ if environ is None else environ
+        names = {f.alias for f in cls.model_fields.values()}
+        values = {k: v for k, v in environ.items() if k in names and v.strip() != ""}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            problems = "; ".join(f"{err['loc'][0]}={values.get(str(err['loc'][0]))!r}: {err['msg']}"
+                                 for err in e.errors())
+            raise ValueError(f"invalid service configuration: {problems}") from None
+
+    def longest_input(self) -> int:
+        return max(self.max_tokens_text, self.max_tokens_image, self.max_tokens_text_image)
+
+    def max_tokens(self, modality: str) -> int:
+        return {"text": self.max_tokens_text, "image": self.max_tokens_image,
+                "text_image": self.max_tokens_text_image}[modality]
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()
