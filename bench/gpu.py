@@ -64,13 +64,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="full", choices=["tiny", "mid", "full"])
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--matmul", type=int, default=8192)
     args = parser.parse_args()
     gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if gpu else "float32"
     _, converted = checkpoint(args.size, dtype="bfloat16")
     embedder = Embedder(converted, dtype=dtype)
-    engine = Engine(embedder, EngineConfig.for_backend(max_length=1024))
+    engine = Engine(embedder, EngineConfig.for_backend(max_length=args.max_length))
     cfg = embedder.config
     plan = engine.plan
 

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# The live `bentoml serve` fixtures: one server for every module that asks for `server`/`nim_server`.
+pytest.register_assert_rewrite("tests.service_fixtures")
+pytest_plugins = ["tests.service_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `pytest` (not only `python -m pytest`) finds conversion/ and model/
     sys.path.insert(0, str(ROOT))

@@ -18,7 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
-from transformers.initialization import no_init_weights
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers < 5.20
+    from transformers.modeling_utils import no_init_weights
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
@@ -181,6 +184,10 @@ class ReferenceModel(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.mlp1[1].weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.mlp1[1].weight.device
+
     def cast(self, dtype: torch.dtype) -> "ReferenceModel":
         """A (cached) copy of the whole model in another dtype, weights and activations."""
         if dtype == self.dtype:
@@ -195,29 +202,31 @@ class ReferenceModel(torch.nn.Module):
     @torch.no_grad()
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] normalised pixels -> [N, P, Dv] last hidden state after post_layernorm."""
-        return self.vision_model(pixel_values=pixel_values.to(self.dtype)).last_hidden_state
+        return self.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
 
     def pixel_shuffle(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle(x, self.downsample_ratio)
 
     @torch.no_grad()
     def projector(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp1(x.to(self.dtype))
+        return self.mlp1(x.to(self.device, self.dtype))
 
     @torch.no_grad()
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
+        return self.language_model.embed_tokens(input_ids.to(self.device))
 
     @torch.no_grad()
     def decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional Llama: [B, T, Dl] embeddings + [B, T] padding mask (1 = token) -> final-normed states."""
         b, t, _ = inputs_embeds.shape
-        x = inputs_embeds.to(self.dtype)
+        x = inputs_embeds.to(self.device, self.dtype)
         keep = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
+        keep = keep.to(self.device)
         # explicit 4D additive mask over keys only (no causal part); create_causal_mask returns 4D masks as-is
-        mask4d = torch.zeros(b, 1, 1, t, dtype=x.dtype).masked_fill(~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        mask4d = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=self.device).masked_fill(
+            ~keep[:, None, None, :], torch.finfo(x.dtype).min)
         mask4d = mask4d.expand(b, 1, t, t)  # a view: same padding row for every query
-        pos = torch.arange(t)[None].expand(b, t)
+        pos = torch.arange(t, device=self.device)[None].expand(b, t)
         return self.language_model(inputs_embeds=x, attention_mask=mask4d, position_ids=pos, use_cache=False).last_hidden_state
 
     def preprocess_image(self, image: Image.Image, max_tiles: int = 6) -> torch.Tensor:
@@ -253,8 +262,8 @@ class ReferenceModel(torch.nn.Module):
             ids.append(tok)
             feats.append(f)
         t = max(len(x) for x in ids)  # right padding
-        input_ids = torch.tensor([x + [0] * (t - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids])
+        input_ids = torch.tensor([x + [0] * (t - len(x)) for x in ids], device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids], device=self.device)
         emb = self.token_embeddings(input_ids).clone()
         for b, f in enumerate(feats):
             if f is not None:
@@ -262,4 +271,4 @@ class ReferenceModel(torch.nn.Module):
         hidden = self.decoder(emb, mask).to(torch.float32)
         m = mask.to(torch.float32)[..., None]
         pooled = (hidden * m).sum(1) / m.sum(1)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()

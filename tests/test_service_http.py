@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import MODEL_ID, SERVER_ENV, nim_server, png_header_only, server  # noqa: F401
+from tests.service_fixtures import MODEL_ID, SERVER_ENV, png_header_only
 
 D = 64  # the tiny checkpoint's embedding size
 MAX_TEXT = int(SERVER_ENV["EMBED_MAX_TOKENS_TEXT"])

@@ -1,0 +1,17 @@
+"""Bulk indexing with an embedding server that speaks NVIDIA NIM's API (this repository's service, or a NIM).
+
+    python -m indexer embed DOCS/ texts.jsonl --output index.parquet --server http://localhost:3000
+    python -m indexer search --index index.parquet --server http://localhost:3000 "query text" -k 5
+
+Modules: sources (what to embed: images, PDF pages, texts), client (servers, retries), store (resumable Parquet),
+embed (the pipeline and its report), search (cosine top-k). See indexer/README_INDEXER.md.
+"""
+
+from indexer.client import RequestFailed, ServerPool
+from indexer.embed import EmbedOptions, Report, run_embed
+from indexer.search import search
+from indexer.sources import Item, discover
+from indexer.store import PartStore, read_index
+
+__all__ = ["EmbedOptions", "Item", "PartStore", "Report", "RequestFailed", "ServerPool", "discover", "read_index",
+           "run_embed", "search"]

@@ -1,0 +1,211 @@
+"""What to embed: images, PDF pages and texts, found in the inputs and turned into request payloads.
+
+An input is a directory (its images and PDFs, recursively), an image or PDF file, or a JSONL / Parquet file of
+texts. Ids: an image's path relative to the directory given (its name when the file itself was given), a PDF page
+`path#page=N` (N from 1), a text's own `id` field. Images are sent as PNG data URLs, scaled down so that their
+long side is at most `max_side`; PDF pages are rendered with pypdfium2 at exactly that long side.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+PDF_SUFFIXES = frozenset({".pdf"})
+TEXT_SUFFIXES = frozenset({".jsonl", ".ndjson", ".parquet"})
+# The real model tiles images into at most 6 tiles of 512 px (plus a thumbnail): a page's long side of 1536 px is
+# what its largest grids use; more pixels only make requests bigger.
+DEFAULT_MAX_SIDE = 1536
+
+OnError = Callable[[str, str, str], None]  # (id, source, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    id: str
+    modality: str  # "text" or "image": the NIM `modality` of the request
+    source: str  # the file it came from
+    text: str | None = None  # texts
+    path: Path | None = None  # images and PDFs
+    page: int | None = None  # PDF pages: 0-based index
+
+    @property
+    def is_page(self) -> bool:
+        return self.page is not None
+
+
+class SourceError(ValueError):
+    pass
+
+
+# ---- discovery ------------------------------------------------------------------------------------------------------
+def discover(inputs: Sequence[str | Path], *, id_field: str = "id", text_field: str = "text",
+             on_error: OnError | None = None) -> Iterator[Item]:
+    """Every item of the inputs, in a stable order. Unreadable files and bad records go to `on_error`."""
+    on_error = on_error or _raise
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+            for file in files:
+                suffix = file.suffix.lower()
+                if suffix in IMAGE_SUFFIXES or suffix in PDF_SUFFIXES:
+                    yield from _file_items(file, file.relative_to(path).as_posix(), on_error)
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in TEXT_SUFFIXES:
+                yield from _text_items(path, id_field, text_field, on_error)
+            elif suffix in IMAGE_SUFFIXES or suffix in PDF_SUFFIXES:
+                yield from _file_items(path, path.name, on_error)
+            else:
+                raise SourceError(f"{path}: not a directory, image, PDF, JSONL or Parquet file")
+        else:
+            raise SourceError(f"{path}: no such file or directory")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _raise(item_id: str, source: str, message: str) -> None:
+    raise SourceError(f"{source}: {message}")
+
+
+def _file_items(path: Path, rel_id: str, on_error: OnError) -> Iterator[Item]:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        yield Item(id=rel_id, modality="image", source=str(path), path=path)
+        return
+    try:
+        pages = pdf_page_count(path)
+    except Exception as e:  # corrupt or encrypted PDF: report it, go on with the rest
+        on_error(rel_id, str(path), f"cannot open PDF: {e}")
+        return
+    for page in range(pages):
+        yield Item(id=f"{rel_id}#page={page + 1}", modality="image", source=str(path), path=path, page=page)
+
+
+def _text_items(path: Path, id_field: str, text_field: str, on_error: OnError) -> Iterator[Item]:
+    for n, item_id, text, error in _records(path, id_field, text_field):
+        if error:
+            on_error(f"{path.name}:{n}", str(path), f"record {n}: {error}")
+        elif item_id is None or str(item_id) == "":
+            on_error(f"{path.name}:{n}", str(path), f"record {n} has no {id_field!r}")
+        elif not isinstance(text, str) or not text.strip():
+            on_error(str(item_id), str(path), f"record {n} has no {text_field!r} text")
+        else:
+            yield Item(id=str(item_id), modality="text", source=str(path), text=text)
+
+
+def _records(path: Path, id_field: str, text_field: str) -> Iterator[tuple[int, object, object, str | None]]:
+    """(record number from 1, id, text, error) for each record of a JSONL or Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[id_field, text_field], batch_size=4096):
+            for item_id, text in zip(batch.column(id_field).to_pylist(), batch.column(text_field).to_pylist()):
+                n += 1
+                yield n, item_id, text, None
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, None, None, f"invalid JSON: {e}"
+                continue
+            if not isinstance(record, dict):
+                yield n, None, None, "not a JSON object"
+                continue
+            yield n, record.get(id_field), record.get(text_field), None
+
+
+# ---- payloads -------------------------------------------------------------------------------------------------------
+_pdfium_lock = threading.Lock()  # pdfium is not thread-safe: one call at a time, from any thread
+_open_pdfs: OrderedDict[Path, object] = OrderedDict()  # the last few documents, so pages don't reparse the file
+_MAX_OPEN_PDFS = 4
+
+
+def _pdf(path: Path):
+    """An open document (call with the lock held)."""
+    import pypdfium2 as pdfium
+
+    doc = _open_pdfs.pop(path, None) or pdfium.PdfDocument(path)
+    _open_pdfs[path] = doc
+    while len(_open_pdfs) > _MAX_OPEN_PDFS:
+        _open_pdfs.popitem(last=False)[1].close()
+    return doc
+
+
+def close_pdfs() -> None:
+    with _pdfium_lock:
+        while _open_pdfs:
+            _open_pdfs.popitem()[1].close()
+
+
+def pdf_page_count(path: Path) -> int:
+    import pypdfium2 as pdfium
+
+    with _pdfium_lock:
+        doc = pdfium.PdfDocument(path)  # not cached: discovery sees every PDF once, long before rendering
+        try:
+            return len(doc)
+        finally:
+            doc.close()
+
+
+def render_pdf_page(path: Path, page: int, max_side: int):
+    """The page as a PIL image whose long side is `max_side` pixels."""
+    with _pdfium_lock:
+        pdf_page = _pdf(path)[page]
+        try:
+            width, height = pdf_page.get_size()  # points
+            bitmap = pdf_page.render(scale=max_side / max(width, height, 1e-6))
+            image = bitmap.to_pil().convert("RGB")  # a copy: it outlives the bitmap
+            bitmap.close()
+            return image
+        finally:
+            pdf_page.close()
+
+
+def load_image(path: Path, max_side: int):
+    """RGB, scaled down (never up) so that the long side is at most `max_side`; transparency over white."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            image = im.convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.LANCZOS)
+    return image
+
+
+def png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)  # level 3: smaller and faster than the default here
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def payload(item: Item, max_side: int = DEFAULT_MAX_SIDE) -> str:
+    """The request input for one item: its text, or its image as a PNG data URL."""
+    if item.modality == "text":
+        assert item.text is not None
+        return item.text
+    assert item.path is not None
+    if item.is_page:
+        return png_data_url(render_pdf_page(item.path, item.page, max_side))
+    return png_data_url(load_image(item.path, max_side))

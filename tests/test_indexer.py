@@ -1,0 +1,364 @@
+"""`python -m indexer` end to end against a live `bentoml serve` of the tiny checkpoint (tests/service_fixtures.py).
+
+The corpus is made here: PNG/WebP images, a 2-page PDF (Pillow writes multi-page PDFs), JSONL and Parquet texts.
+Square pictures: the test server's image token limit (32) admits 1-5 tiles, and a tall picture tiles into 7.
+A small Starlette app in front of the server answers 503/429 with Retry-After first, to test the retries.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from indexer.__main__ import main
+from indexer.client import _base_url, _retry_after
+from indexer.search import top_k
+from indexer.sources import Item, payload
+from indexer.store import read_index
+from tests.service_fixtures import MODEL_ID, free_port  # noqa: E402
+
+# The live server fixtures (`nim_server`, `server`), registered as a plugin: one server for every test module
+# that does the same, where importing the fixtures would start one per module.
+
+MAX_SIDE = 64  # the tiny checkpoint's tile size: one tile per square picture
+TEXTS = {"t0": "the cat sat on the mat", "t1": "b-trees keep their leaves at one depth",
+         "t2": "quarterly revenue grew by twelve percent", "t3": "the population of Pittsburgh",
+         "t4": "a recipe for sourdough bread"}
+PARQUET_TEXTS = {"p0": "photosynthesis turns light into sugar", "p1": "the rules of cricket"}
+IMAGES = {"a.png": (64, 64), "b.png": (96, 96), "sub/c.webp": (64, 64)}
+EXPECTED_IDS = {*TEXTS, *PARQUET_TEXTS, *IMAGES, "doc.pdf#page=1", "doc.pdf#page=2"}
+
+
+# ---- the corpus -----------------------------------------------------------------------------------------------------
+def picture(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    ImageDraw.Draw(image).text((4, 4), f"#{seed}", fill="white")
+    return image
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    docs = root / "docs"
+    (docs / "sub").mkdir(parents=True)
+    for seed, (name, size) in enumerate(IMAGES.items()):
+        picture(size, seed, "RGBA" if name.endswith(".webp") else "RGB").save(docs / name)
+    pages = [picture((144, 144), 10 + i) for i in range(2)]  # square pages: one tile each once rendered at 64 px
+    pages[0].save(docs / "doc.pdf", "PDF", save_all=True, append_images=pages[1:], resolution=72)
+    (docs / ".hidden.png").write_bytes(b"ignored: hidden files are skipped")
+    (docs / "notes.txt").write_text("ignored: not an image or a PDF")
+    with open(root / "texts.jsonl", "w") as f:
+        for item_id, text in TEXTS.items():
+            f.write(json.dumps({"id": item_id, "text": text}) + "\n")
+    pq.write_table(pa.table({"id": list(PARQUET_TEXTS), "text": list(PARQUET_TEXTS.values())}), root / "more.parquet")
+    return root
+
+
+def inputs(corpus: Path) -> list[str]:
+    return [str(corpus / "docs"), str(corpus / "texts.jsonl"), str(corpus / "more.parquet")]
+
+
+def server_vectors(url: str, texts: list[str], input_type: str, modality: list[str]) -> np.ndarray:
+    """The server's own float output for these inputs: the reference for every vector the indexer stored."""
+    r = httpx.post(f"{url}/v1/embeddings", timeout=120, json={
+        "model": MODEL_ID, "input": texts, "input_type": input_type, "modality": modality, "truncate": "END",
+        "encoding_format": "float"})
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])], np.float32)
+
+
+def embed(argv: list[str], capsys) -> tuple[int, dict]:
+    report = Path(argv[argv.index("--output") + 1]).with_suffix(".report.json")
+    rc = main(["embed", *argv, "--report", str(report), "--no-progress"])
+    capsys.readouterr()
+    return rc, json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def indexed(nim_server, corpus, tmp_path_factory):
+    """The corpus indexed once by `python -m indexer embed` as a command (a real subprocess)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("index") / "index.parquet"
+    report = out.with_suffix(".report.json")
+    proc = subprocess.run([sys.executable, "-m", "indexer", "embed", *inputs(corpus), "--output", str(out),
+                           "--server", nim_server.url, "--batch-size", "4", "--chunk-size", "4",
+                           "--max-side", str(MAX_SIDE), "--report", str(report)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "embedded 12 items" in proc.stdout
+    return out, json.loads(report.read_text())
+
+
+# ---- embed ----------------------------------------------------------------------------------------------------------
+def test_embed_writes_the_index(indexed, nim_server, corpus):
+    out, report = indexed
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "modality", "embedding", "source"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == EXPECTED_IDS
+    rows = {row["id"]: row for row in table.select(["id", "modality", "source"]).to_pylist()}
+    assert rows["doc.pdf#page=2"] == {"id": "doc.pdf#page=2", "modality": "image",
+                                      "source": str(corpus / "docs" / "doc.pdf")}
+    assert rows["t1"]["modality"] == "text" and rows["t1"]["source"].endswith("texts.jsonl")
+    assert rows["p0"]["source"].endswith("more.parquet")
+
+    _, matrix, _ = read_index(out)
+    dim = server_vectors(nim_server.url, ["x"], "query", ["text"]).shape[1]
+    assert matrix.shape == (len(EXPECTED_IDS), dim)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+
+    assert report["items"] == 12 and report["texts"] == 7 and report["images"] == 3 and report["pages"] == 2
+    assert report["failed"] == 0 and report["skipped"] == 0 and report["retries"] == 0
+    assert report["dimensions"] == dim and report["model"] == MODEL_ID
+    assert report["parts_written"] == 3  # chunks of 4 rows
+    assert report["items_per_s"] > 0 and report["seconds"] > 0
+
+
+def test_stored_vectors_are_the_servers_own(indexed, nim_server, corpus):
+    out, _ = indexed
+    ids, matrix, _ = read_index(out)
+    row = {item_id: i for i, item_id in enumerate(ids)}
+    texts = {**TEXTS, **PARQUET_TEXTS}
+    expected = server_vectors(nim_server.url, list(texts.values()), "passage", ["text"] * len(texts))
+    got = matrix[[row[i] for i in texts]]
+    assert np.min(np.sum(got * expected, axis=1)) >= 0.9999
+
+    docs = corpus / "docs"
+    items = [Item(id=name, modality="image", source="", path=docs / name) for name in IMAGES]
+    items += [Item(id=f"doc.pdf#page={p + 1}", modality="image", source="", path=docs / "doc.pdf", page=p)
+              for p in range(2)]
+    expected = server_vectors(nim_server.url, [payload(i, MAX_SIDE) for i in items], "passage",
+                              ["image"] * len(items))
+    got = matrix[[row[i.id] for i in items]]
+    assert np.min(np.sum(got * expected, axis=1)) >= 0.9999
+
+
+def test_a_second_run_resumes_without_repeating_work(indexed, nim_server, corpus, tmp_path, capsys):
+    out, _ = indexed
+    copy = tmp_path / "index.parquet"
+    copy.mkdir()
+    parts = sorted(out.glob("part-*.parquet"))
+    for part in parts:
+        (copy / part.name).write_bytes(part.read_bytes())
+    args = [*inputs(corpus), "--output", str(copy), "--server", nim_server.url, "--batch-size", "4",
+            "--chunk-size", "4", "--max-side", str(MAX_SIDE)]
+
+    rc, report = embed(args, capsys)  # everything is there: no embedding request at all
+    assert rc == 0 and report["items"] == 0 and report["skipped"] == 12 and report["requests"] == 0
+
+    # A crash loses at most the chunk being written: drop the last part, leave a half-written temporary file.
+    lost = pq.read_table(parts[-1]).column("id").to_pylist()
+    (copy / parts[-1].name).unlink()
+    (copy / f".{parts[-1].name}.tmp").write_bytes(b"PAR1 truncated")
+    rc, report = embed(args, capsys)
+    assert rc == 0 and report["items"] == len(lost) == 4 and report["skipped"] == 8
+    assert report["requests"] == 1
+    ids = pq.read_table(copy).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == EXPECTED_IDS
+    assert not list(copy.glob(".*.tmp"))
+
+
+def test_a_bad_input_fails_alone(nim_server, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        picture((64, 64), 20 + i).save(docs / f"ok{i}.png")
+    picture((40, 64), 30).save(docs / "tall.png")  # 2x3 tiles + thumbnail: over the test server's image limit
+    (docs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "t.jsonl").write_text('{"id": "x", "text": "fine"}\n{oops\n{"id": "x", "text": "again"}\n')
+    out = tmp_path / "index.parquet"
+    rc, report = embed([str(docs), str(tmp_path / "t.jsonl"), "--output", str(out), "--server", nim_server.url,
+                        "--batch-size", "8", "--max-side", str(MAX_SIDE)], capsys)
+    assert rc == 2  # some items failed
+    failed = {f["id"]: f["error"] for f in report["failures"]}
+    assert set(failed) == {"tall.png", "broken.png", "t.jsonl:2"}
+    assert "exceeds maximum allowed token size" in failed["tall.png"]
+    assert report["items"] == 4 and report["duplicates"] == 1
+    assert set(pq.read_table(out).column("id").to_pylist()) == {"ok0.png", "ok1.png", "ok2.png", "x"}
+
+
+# ---- retries against a server that is overloaded first ------------------------------------------------------------------
+class FlakyProxy:
+    """Answers the first POSTs to /v1/embeddings from `script` (status, Retry-After), then proxies to the server."""
+
+    def __init__(self, upstream: str):
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        self.upstream = upstream
+        self.script: list[tuple[int, str | None]] = []
+        self.seen: list[tuple[float, int]] = []  # (time, status) of every embeddings request
+
+        async def embeddings(request: Request) -> Response:
+            body = await request.body()
+            if self.script:
+                status, retry_after = self.script.pop(0)
+                self.seen.append((time.monotonic(), status))
+                headers = {"Retry-After": retry_after} if retry_after else {}
+                return JSONResponse({"object": "error", "message": "overloaded", "type": "ServiceUnavailableError"},
+                                    status_code=status, headers=headers)
+            async with httpx.AsyncClient(timeout=120) as client:
+                r = await client.post(f"{self.upstream}/v1/embeddings", content=body,
+                                      headers={"content-type": "application/json"})
+            self.seen.append((time.monotonic(), r.status_code))
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+        async def models(request: Request) -> Response:
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.get(f"{self.upstream}/v1/models")
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+        self.app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]),
+                                     Route("/v1/models", models, methods=["GET"])])
+
+
+@pytest.fixture(scope="module")
+def flaky(nim_server):
+    import uvicorn
+
+    proxy = FlakyProxy(nim_server.url)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(proxy.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "the proxy did not start"
+        time.sleep(0.05)
+    proxy.url = f"http://127.0.0.1:{port}"
+    yield proxy
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def two_texts(tmp_path) -> Path:
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "text": f"retry me {i}"}) + "\n" for i in range(2)))
+    return path
+
+
+def test_retries_honour_retry_after_on_503_and_429(flaky, two_texts, tmp_path, capsys):
+    flaky.script = [(503, "1"), (429, "1")]
+    flaky.seen.clear()
+    rc, report = embed([str(two_texts), "--output", str(tmp_path / "i.parquet"), "--server", flaky.url,
+                        "--batch-size", "2"], capsys)
+    assert rc == 0 and report["items"] == 2 and report["failed"] == 0
+    assert report["retries"] == 2 and report["requests"] == 3
+    (t0, s0), (t1, s1), (t2, s2) = flaky.seen
+    assert (s0, s1, s2) == (503, 429, 200)
+    assert t1 - t0 >= 0.9 and t2 - t1 >= 0.9  # waited as told
+
+
+def test_connection_errors_and_several_servers(flaky, nim_server, tmp_path, capsys):
+    flaky.script = []
+    flaky.seen.clear()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    texts = tmp_path / "six.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"s{i}", "text": f"spread {i}"}) + "\n" for i in range(6)))
+    rc, report = embed([str(texts), "--output", str(tmp_path / "i.parquet"), "--server", nim_server.url,
+                        "--server", flaky.url, "--server", dead, "--batch-size", "1", "--concurrency", "3",
+                        "--model", MODEL_ID], capsys)
+    assert rc == 0 and report["items"] == 6 and report["failed"] == 0
+    servers = report["servers"]
+    assert servers[dead]["errors"] >= 1 and servers[dead]["requests"] == 0
+    assert servers[nim_server.url]["requests"] >= 1 and servers[flaky.url]["requests"] >= 1
+    assert report["retries"] == servers[dead]["errors"]
+
+
+def test_retries_give_up_and_report_failures(flaky, two_texts, tmp_path, capsys):
+    flaky.script = [(503, "0")] * 3
+    rc, report = embed([str(two_texts), "--output", str(tmp_path / "i.parquet"), "--server", flaky.url,
+                        "--batch-size", "2", "--max-retries", "2", "--model", MODEL_ID], capsys)
+    assert rc == 2 and report["items"] == 0 and report["failed"] == 2 and report["retries"] == 2
+    assert all("gave up after 3 attempts" in f["error"] for f in report["failures"])
+
+
+# ---- search ---------------------------------------------------------------------------------------------------------
+def test_search_ranks_by_cosine_with_the_servers_query_vector(indexed, nim_server, capsys):
+    out, _ = indexed
+    query = TEXTS["t2"]
+    assert main(["search", "--index", str(out), "--server", nim_server.url, query, "-k", "4", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+
+    ids, matrix, _ = read_index(out)
+    q = server_vectors(nim_server.url, [query], "query", ["text"])[0]
+    scores = matrix @ q / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(q))
+    expected = [ids[i] for i in np.argsort(-scores, kind="stable")[:4]]
+    assert [r["id"] for r in results] == expected
+    np.testing.assert_allclose([r["score"] for r in results], np.sort(scores)[::-1][:4], atol=1e-5)
+    assert results[0]["id"] == "t2"  # the passage with the query's own text comes first
+    assert results[0]["modality"] == "text" and results[0]["rank"] == 1
+
+    assert main(["search", "--index", str(out), "--server", nim_server.url, query, "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].split()[-1] == "t2"
+
+
+# ---- small pieces, no server ----------------------------------------------------------------------------------------
+def test_top_k_orders_by_score_then_row():
+    matrix = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], np.float32)
+    assert top_k(matrix, np.array([1, 0], np.float32), 3) == [(0, 1.0), (2, 1.0), (3, pytest.approx(0.6))]
+    assert top_k(matrix, np.array([0, 2], np.float32), 10)[0] == (1, 1.0)
+
+
+def test_retry_after_and_urls():
+    def response(value):
+        return httpx.Response(503, headers={"Retry-After": value} if value else {})
+
+    assert _retry_after(response("3")) == 3.0
+    assert _retry_after(response(None)) is None
+    soon = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= _retry_after(response(soon)) <= 31
+    assert _retry_after(response("garbage")) is None
+    assert _base_url("http://h:3000/v1/") == "http://h:3000" == _base_url("h:3000")
+
+
+def test_unknown_inputs_are_refused(tmp_path, capsys):
+    assert main(["embed", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+                 "--server", f"http://127.0.0.1:{free_port()}", "--model", MODEL_ID, "--no-progress"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_base64_is_what_the_pool_asks_for(monkeypatch):
+    """The pool asks for base64 float32 (exact, 4x smaller than JSON) and decodes it little-endian."""
+    import asyncio
+
+    from indexer.client import ServerPool
+
+    sent = {}
+    vector = np.array([0.6, -0.8], "<f4")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.update(json.loads(request.content))
+        return httpx.Response(200, json={"data": [{"index": 0, "embedding": base64.b64encode(vector.tobytes())
+                                                  .decode()}], "usage": {"total_tokens": 3}})
+
+    async def go():
+        pool = ServerPool(["http://x"], concurrency=1)
+        pool._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        async with pool:
+            return await pool.embed(["hi"], model="m", input_type="query", modality=["text"])
+
+    vectors, tokens = asyncio.run(go())
+    assert sent == {"model": "m", "input": ["hi"], "input_type": "query", "truncate": "END",
+                    "encoding_format": "base64", "embedding_type": "float", "modality": ["text"]}
+    np.testing.assert_array_equal(vectors[0], vector)
+    assert tokens == 3
