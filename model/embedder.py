@@ -53,6 +53,9 @@ class Embedder:
         self.dtype = dtype or default_dtype()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        if self.dtype == "float32" and jax.default_backend() == "gpu":
+            # float32 asked for means float32 products, not TensorFloat-32 (GPUs' default for float32 matmuls).
+            jax.config.update("jax_default_matmul_precision", "highest")
         self.max_tiles = max_tiles or self.config.max_dynamic_patch
         self.prompter = Prompter.from_dir(self.path, self.config)
         self.graphdef, self.state = load_network(self.path, self.config, dtype=DTYPES[self.dtype],
