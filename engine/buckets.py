@@ -41,7 +41,7 @@ class BucketPlan:
     max_rows: int
     max_tiles: int  # tiles per vision pass (an image has up to max_tiles_per_image)
     min_image_length: int  # the shortest prompt that holds an image
-    row_factor: int = 4
+    row_factor: int = 2
 
     @property
     def lengths(self) -> tuple[int, ...]:

@@ -58,7 +58,8 @@ class EngineConfig:
     max_batch_tokens: int = 16384
     max_rows: int = 64
     max_tiles: int = 8
-    row_factor: int = 4
+    row_factor: int = 2
+    pass_overhead_tokens: int = 64  # what launching one more forward pass costs, in computed tokens
     host_threads: int = 4
     image_formats: tuple[str, ...] | None = None  # Pillow formats an encoded image may be (None: any)
 
@@ -78,6 +79,7 @@ class Observer(Protocol):
     def on_compile(self, kind: str, seconds: float, after_ready: bool) -> None: ...
     def on_pass(self, kind: str, rows: int, length: int, inputs: int, real_tokens: int, tiles: int,
                 seconds: float) -> None: ...
+    def on_retry(self, inputs: int) -> None: ...
 
 
 @dataclasses.dataclass
@@ -185,8 +187,8 @@ class Engine:
         image = item.image
         if isinstance(image, (bytes, bytearray, memoryview)):
             with Image.open(io.BytesIO(image), formats=self.config.image_formats) as decoded:
-                decoded.load()
-                image = decoded.convert("RGB")
+                decoded.load()  # the first frame of an animation
+                image = to_rgb(decoded)
         if item.token_ids is None:
             return self.embedder.prepare({"text": item.text, "image": image, "input_type": item.input_type},
                                          item.truncate, item.max_tokens)
@@ -202,25 +204,41 @@ class Engine:
         return prepared
 
     def pack(self, prepared: dict[int, PreparedInput]) -> list[tuple[bool, list[int]]]:
-        """(is_image, input indices) per forward pass: sorted by length, greedy under the token and tile budgets."""
+        """(is_image, input indices) per forward pass, text and image inputs apart.
+
+        Inputs are sorted by length and cut into contiguous passes that minimise the computed tokens (rows and
+        length padded to their buckets) plus a fixed cost per pass (`pass_overhead_tokens`), within the row, token
+        and tile budgets: short inputs are not padded to a long one's length, and a few stragglers are not padded
+        to a large row bucket, yet many tiny passes are not launched either. Dynamic programming over the sorted
+        order, O(inputs × row cap).
+        """
         passes: list[tuple[bool, list[int]]] = []
+        plan = self.plan
         for image in (False, True):
-            members = sorted((i for i, p in prepared.items() if (p.num_tiles > 0) == image),
-                             key=lambda i: prepared[i].num_tokens)
-            current: list[int] = []
-            tiles = 0
-            for i in members:
-                p = prepared[i]
-                length = self.plan.length_for(p.num_tokens)  # ascending order: the pass's longest so far
-                fits = (len(current) + 1 <= self.plan.row_cap(length, image)
-                        and tiles + p.num_tiles <= self.plan.max_tiles)
-                if current and not fits:
-                    passes.append((image, current))
-                    current, tiles = [], 0
-                current.append(i)
-                tiles += p.num_tiles
-            if current:
-                passes.append((image, current))
+            order = sorted((i for i, p in prepared.items() if (p.num_tiles > 0) == image),
+                           key=lambda i: prepared[i].num_tokens)
+            n = len(order)
+            if not n:
+                continue
+            lengths = [plan.length_for(prepared[i].num_tokens) for i in order]
+            tiles = [prepared[i].num_tiles for i in order]
+            best = [0.0] + [float("inf")] * n  # best[j]: cost of packing order[:j]
+            cut = [0] * (n + 1)
+            for j in range(1, n + 1):
+                length, used = lengths[j - 1], 0  # sorted: the pass's last input is its longest
+                cap = plan.row_cap(length, image)
+                for i in range(j - 1, max(j - cap, 0) - 1, -1):  # pass = order[i:j]
+                    used += tiles[i]
+                    if used > plan.max_tiles:
+                        break
+                    cost = best[i] + plan.rows_for(j - i, length, image) * length + self.config.pass_overhead_tokens
+                    if cost < best[j]:
+                        best[j], cut[j] = cost, i
+            j, found = n, []
+            while j:
+                found.append((image, order[cut[j]:j]))
+                j = cut[j]
+            passes += reversed(found)
         return passes
 
     # ---- device side ----------------------------------------------------------------------------------------
@@ -253,26 +271,70 @@ class Engine:
             start = time.perf_counter()
             try:
                 out, info = self._dispatch(image, [prepared[i] for i in indices])
-            except Exception as e:  # a device failure fails only this pass's inputs
-                log.exception("forward pass failed")
-                for i in indices:
-                    results[i] = e
+            except Exception as e:  # a device failure fails only this pass's inputs, after a retry in halves
+                self._retry(image, indices, prepared, results, e)
                 continue
-            launched.append((indices, out, info, start))
-        for indices, out, info, start in launched:
+            launched.append((image, indices, out, info, start))
+        for image, indices, out, info, start in launched:
             try:
-                vectors = np.asarray(out)
+                vectors = np.asarray(out)  # where an asynchronous device error (out of memory) surfaces
             except Exception as e:
-                log.exception("forward pass failed")
-                vectors = e
+                self._retry(image, indices, prepared, results, e)
+                continue
             for row, i in enumerate(indices):
-                results[i] = vectors if isinstance(vectors, Exception) else vectors[row]
-            if self.observer and not isinstance(vectors, Exception):
+                results[i] = vectors[row]
+            if self.observer:
                 self.observer.on_pass(*info, seconds=time.perf_counter() - start)
         return results
 
+    def _retry(self, image: bool, indices: list[int], prepared: dict[int, PreparedInput],
+               results: list[np.ndarray | Exception], error: Exception) -> None:
+        """Run a failed pass again as two halves, recursively: smaller passes use smaller buckets (less device
+        memory), a transient fault gets another chance, and an input that breaks its pass is isolated. Only an
+        input that still fails alone gets the error."""
+        if len(indices) == 1:
+            log.error("forward pass of one input failed: %s: %s", type(error).__name__, error)
+            results[indices[0]] = error
+            return
+        log.warning("forward pass of %d inputs failed (%s: %s); retrying in halves", len(indices),
+                    type(error).__name__, error)
+        if self.observer and hasattr(self.observer, "on_retry"):
+            self.observer.on_retry(len(indices))
+        middle = len(indices) // 2
+        for half in (indices[:middle], indices[middle:]):
+            start = time.perf_counter()
+            try:
+                out, info = self._dispatch(image, [prepared[i] for i in half])
+                vectors = np.asarray(out)  # synchronously: a retry is already the slow path
+            except Exception as e:
+                self._retry(image, half, prepared, results, e)
+                continue
+            for row, i in enumerate(half):
+                results[i] = vectors[row]
+            if self.observer:
+                self.observer.on_pass(*info, seconds=time.perf_counter() - start)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as an image viewer shows it. Pillow's own `convert("RGB")` would drop transparency (a transparent
+    PNG of black text turns solid black) and clip 16-bit and float greyscale at 255 (mostly white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.max(initial=0.0) <= 1.0:
+            values = values * 255.0  # floats in [0, 1]
+        elif image.mode != "F" and (image.mode != "I" or values.max(initial=0.0) > 255):
+            values = values / 257.0  # 16-bit: 65535 -> 255
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # 2-D uint8 -> mode L
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # palette and colour-key transparency become alpha too
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 def configure_compilation_cache(directory: str | None) -> None:

@@ -32,7 +32,7 @@ def test_plan_respects_the_token_budget():
         assert rows <= 64
     assert all(length >= 270 for _, length in plan.image_shapes())
     assert all(rows <= 8 for rows, _ in plan.image_shapes())
-    assert plan.length_for(17) == 24 and plan.length_for(25) == 32 and plan.rows_for(5, 32) == 16 and plan.tiles_for(5) == 8
+    assert plan.length_for(17) == 24 and plan.length_for(25) == 32 and plan.rows_for(5, 32) == 8 and plan.tiles_for(5) == 8
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,15 @@ def test_passes_are_sorted_by_length_and_fit_their_buckets(engine, tiny_embedder
         length = engine.plan.length_for(max(lengths))
         assert len(members) <= engine.plan.row_cap(length, image)
         assert sum(prepared[i].num_tiles for i in members) <= engine.plan.max_tiles
+
+
+def test_packing_does_not_pad_short_inputs_to_long_ones(engine, tiny_embedder):
+    short = [EngineItem(text="tiny query", input_type="query")] * 6
+    long = [EngineItem(text="word " * 40, input_type="passage")] * 4
+    prepared = {i: engine.prepare(item) for i, item in enumerate(short + long)}
+    passes = engine.pack(prepared)
+    assert [sorted(m) for _, m in passes] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    computed = sum(engine.plan.rows_for(len(m), engine.plan.length_for(max(prepared[i].num_tokens for i in m)))
+                   * engine.plan.length_for(max(prepared[i].num_tokens for i in m)) for _, m in passes)
+    real = sum(p.num_tokens for p in prepared.values())
+    assert real / computed > 0.6
