@@ -55,6 +55,10 @@ def _fingerprint(path: Path) -> str:
 
 def fetch_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple[Path, str, str | None]:
     """(local checkpoint directory, source as recorded in the manifest, Hub commit or None)."""
+    if str(path_or_repo_id).startswith("bento:"):  # a converted checkpoint stored as a BentoML model
+        from bento_tools.model_ref import bento_model_dir  # imports this module: import it late
+
+        return bento_model_dir(str(path_or_repo_id)), str(path_or_repo_id), None
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path, str(path.resolve()), None
