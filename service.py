@@ -17,7 +17,7 @@
 Every error is `{"object": "error", "message": ..., "type": ...}`. Configuration: environment variables, see
 serving/settings.py. Batching: /v1/embeddings validates and tokenises each input, then calls `embed_batch` through
 BentoML's adaptive batcher (an in-process self-call), so concurrent requests share forward passes.
-Overload, hostile input, faults and access control: the README, "Hardening".
+Overload, hostile input, faults and access control: serving/README_HARDENING.md.
 """
 
 from __future__ import annotations
