@@ -11,11 +11,13 @@
     GET  /v1/manifest         what is being served (source, hashes, dtype)   -> manifest
     GET  /v1/license          licenses of the weights and of this software   -> license_
     GET  /v1/version          release and API version                        -> version
+    GET  /v1/openapi.json     OpenAPI of these routes (also merged into BentoML's /docs.json)
     POST /embed_batch         BentoML's batchable API that every embedding goes through (also for BentoML clients)
 
 Every error is `{"object": "error", "message": ..., "type": ...}`. Configuration: environment variables, see
 serving/settings.py. Batching: /v1/embeddings validates and tokenises each input, then calls `embed_batch` through
 BentoML's adaptive batcher (an in-process self-call), so concurrent requests share forward passes.
+Overload, hostile input, faults and access control: the README, "Hardening".
 """
 
 from __future__ import annotations
@@ -24,48 +26,87 @@ import asyncio
 import functools
 import logging
 import os
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from conversion.resolve import cache_root
 from engine import EngineConfig, configure_compilation_cache
 from model import Embedder
-from serving import info
+from serving import info, openapi
+from serving.access import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeyAuth, RequestLog, annotate, cors_options
+from serving.admission import Admission
 from serving.encoding import check_dimensions, embeddings_body, encode_vector, gather_vectors
-from serving.errors import GatewayTimeoutError, ServiceUnavailableError, from_batcher
-from serving.http import NimErrorShape, nim_app, read_body
+from serving.errors import GatewayTimeoutError, ServiceUnavailableError, TooManyRequestsError, from_batcher
+from serving.http import NimErrorShape, discard_body, nim_app, read_body, unless_disconnected
 from serving.inputs import PILLOW_FORMATS, limit_pillow_pixels
-from serving.lifecycle import Background
+from serving.lifecycle import Background, stop_listening
 from serving.metrics import get_metrics, render
+from serving.preflight import preflight
 from serving.prepare import complete_item, model_input_type, prepare_request
 from serving.runner import Runner
 from serving.schemas import BatchItem, BatchResult, EmbeddingRequest, ItemError, parse_embedding_request
 from serving.settings import get_settings
 
-SETTINGS = get_settings()
+try:
+    SETTINGS = get_settings()
+    API_KEYS = SETTINGS.keys()
+except ValueError as e:  # a bad variable stops `bentoml serve` with one line, not a traceback
+    raise SystemExit(f"FATAL: {e}") from None
+preflight(SETTINGS.model)  # a missing or corrupt local checkpoint stops the server here, before any worker starts
+T = TypeVar("T")
+DISCARD_BYTES = 1 << 20  # bodies up to this size are read and dropped before a 429 (the connection stays usable)
+
+# Request work (parsing, tokenising, encoding answers) has its own threads: on Starlette's shared pool it would queue
+# ahead of BentoML's batch function, which runs there, and of the metrics. Probes use no thread at all.
+REQUEST_POOL = ThreadPoolExecutor(max(4, SETTINGS.decode_threads), thread_name_prefix="request")
+OPS_POOL = ThreadPoolExecutor(1, thread_name_prefix="ops")
+
+
+async def offload(fn: Callable[..., T], *args, pool: ThreadPoolExecutor = REQUEST_POOL) -> T:
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 # ---- /v1 routes -------------------------------------------------------------------------------------------------------
 async def embeddings(request: Request) -> Response:
-    body = await read_body(request, SETTINGS.max_body_bytes)  # 413 over the limit
-    req = await run_in_threadpool(parse_embedding_request, body)  # 400; off the event loop: bodies reach 128 MiB
+    svc = service()
+    svc.embedder()  # 503 until loaded and warmed up (or while draining), before anything is read
+    try:
+        svc.admission.check_room()  # 429 at once when this worker is full: the body is not parsed
+    except TooManyRequestsError:
+        await discard_body(request, DISCARD_BYTES)  # so that the client reads the 429, not a reset connection
+        raise
+    body = await read_body(request, SETTINGS.max_body_bytes)  # 413 over the limit, counted as it streams in
+    req = await offload(parse_embedding_request, body)  # 400; off the event loop: bodies reach 128 MiB
     implied = model_input_type(req.model, SETTINGS.model_name)  # 404 for another model; "-query" -> "query"
     input_type = req.input_type or implied
-    embedder = service().embedder()  # 503 until loaded and warmed up
+    embedder = svc.embedder()
     check_dimensions(req.dimensions, req.embedding_type, embedder.config.embedding_size)
-    try:
-        async with asyncio.timeout(SETTINGS.request_timeout_s):
-            prepared = await run_in_threadpool(prepare_request, req, input_type, embedder, SETTINGS)
-            results = await service().embed(prepared.items)
-    except TimeoutError:
-        raise GatewayTimeoutError(f"the request took longer than {SETTINGS.request_timeout_s:g} s") from None
-    response = await run_in_threadpool(_respond, results, req, sum(prepared.tokens))  # 2048 vectors take a while
+    annotate(request.scope, inputs=len(req.input))
+    with svc.admission.admit(len(req.input)) as ticket:  # 429 over the inputs in flight
+        async def work():
+            prepared = await offload(prepare_request, req, input_type, embedder, SETTINGS)
+            ticket.charge(sum(prepared.tokens))  # 429 over the tokens in flight
+            annotate(request.scope, tokens=sum(prepared.tokens))
+            return prepared, await svc.embed(prepared.items, ticket.id)
+
+        try:
+            async with asyncio.timeout(SETTINGS.request_timeout_s):
+                # A client that hangs up is dropped here (499); its queued items are skipped by the batch function,
+                # as are those of a request that timed out: the ticket is released either way.
+                prepared, results = await unless_disconnected(request, work())
+        except TimeoutError:
+            raise GatewayTimeoutError(f"the request took longer than {SETTINGS.request_timeout_s:g} s") from None
+    response = await offload(_respond, results, req, sum(prepared.tokens))  # 2048 vectors take a while
     get_metrics().observe_inputs(prepared.modalities, prepared.tokens)
     return response
 
@@ -80,7 +121,10 @@ async def list_models(request: Request) -> Response:
 
 
 async def health_ready(request: Request) -> Response:
-    model = service().model
+    svc = service()
+    if svc.draining:  # SIGTERM: take this pod out of the load balancer while in-flight requests finish
+        return JSONResponse(info.ready(False, "shutting down"), status_code=503)
+    model = svc.model
     return JSONResponse(info.ready(model.ready, model.error), status_code=200 if model.ready else 503)
 
 
@@ -90,7 +134,7 @@ async def health_live(request: Request) -> Response:
 
 
 async def prometheus_metrics(request: Request) -> Response:
-    content, media_type = await run_in_threadpool(render)
+    content, media_type = await offload(render, pool=OPS_POOL)  # never queued behind request work
     return Response(content, media_type=media_type)
 
 
@@ -110,6 +154,13 @@ async def version(request: Request) -> Response:
     return JSONResponse(info.version())
 
 
+OPENAPI = openapi.document(auth=bool(API_KEYS))
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
+
+
 API = nim_app([
     ("POST", "/v1/embeddings", embeddings),
     ("GET", "/v1/models", list_models),
@@ -120,6 +171,7 @@ API = nim_app([
     ("GET", "/v1/manifest", manifest),
     ("GET", "/v1/license", license_),
     ("GET", "/v1/version", version),
+    ("GET", openapi.PATH, openapi_json),
 ])
 
 
@@ -148,6 +200,50 @@ def bound_batch_fill_wait(max_wait_s: float) -> None:
 bound_batch_fill_wait(SETTINGS.max_wait_ms / 1000)
 
 
+def release_timeout_timers() -> None:
+    """Cancel the timer that BentoML's traffic timeout arms for every request once the request has answered.
+
+    BentoML 1.4's TimeoutMiddleware calls `loop.call_later(timeout, ...)` per request and never cancels it. The timer
+    holds the request's context (its tracing span, attributes, scope) until it fires, `traffic.timeout` seconds
+    later (330 s here): at 80 requests/s the server grew by ~6 GB/hour until the first timers fired and then stayed
+    ~0.5 GB high; at a GPU's request rate, several GB (bench/soak.py found it). This is that method with the timer
+    cancelled when its waiter resolves (bentoml is pinned to 1.4.40; tests/test_hardening_units.py checks that the
+    upstream method still arms a timer it never cancels, and that with this one no timer outlives its request).
+    """
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    from starlette.responses import JSONResponse as BentoTimeoutResponse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+        waiter.add_done_callback(lambda _: timer.cancel())  # the fix: nothing outlives the request
+
+        async def _send(message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            if fut.cancel():
+                resp = BentoTimeoutResponse(
+                    {"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504)
+                await resp(scope, receive, send)
+        else:
+            await fut
+
+    __call__.__wrapped__ = getattr(TimeoutMiddleware.__call__, "__wrapped__", TimeoutMiddleware.__call__)
+    TimeoutMiddleware.__call__ = __call__
+
+
+release_timeout_timers()
+
+
 @bentoml.asgi_app(API, path="/")
 @bentoml.service(
     name="nemotron-embed-vl",
@@ -165,7 +261,38 @@ class NemotronEmbed:
         if SETTINGS.gpu_memory_fraction:  # before JAX starts its backend, in the model's loading thread
             os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(SETTINGS.gpu_memory_fraction)
         get_metrics()  # registers the series (and the JAX compilation listener) before the warm-up compiles
+        self.draining = False
         self.model = Background(self._load, delay_s=SETTINGS.startup_delay_s).start()
+
+    @bentoml.on_startup
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM uvicorn waits for the requests in flight, then exits. This adds that new connections are
+        refused at once (see stop_listening) and that requests on connections already open get 503 (ready too), so
+        clients and load balancers fail over while the work in flight completes. Runs inside uvicorn's serve(),
+        after it installed its own handler, which is chained."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process (`TestClient(NemotronEmbed.to_asgi())`): no signals to take, as for uvicorn itself
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame) -> None:
+            self.draining = True
+            closed = stop_listening()  # new connections are refused, not left hanging in the backlog
+            in_flight = self.__dict__["admission"].requests if "admission" in self.__dict__ else 0
+            logging.getLogger("serving").info("SIGTERM: stopped listening on %d socket(s); draining %d request(s)",
+                                              closed, in_flight)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    @functools.cached_property
+    def admission(self) -> Admission:
+        """This worker's admission control, sized from the engine's forward-pass budget (needs the model)."""
+        config = self.model.value.engine.config
+        max_inputs, max_tokens = SETTINGS.inflight_limits(config.max_rows, config.max_batch_tokens)
+        metrics = get_metrics()
+        return Admission(max_inputs, max_tokens, retry_after_s=SETTINGS.retry_after_s, on_shed=metrics.on_shed,
+                         on_change=metrics.on_inflight)
 
     @staticmethod
     def _load() -> Runner:
@@ -195,16 +322,21 @@ class NemotronEmbed:
 
     def embedder(self, required: bool = True) -> Embedder | None:
         runner = self.model.value
+        if required and self.draining:
+            raise ServiceUnavailableError("the server is shutting down; retry on another replica", retry_after_s=1)
         if runner is None and required:
             if self.model.failed:
                 raise ServiceUnavailableError("the model failed to load; see the server log", retry_after_s=60)
             raise ServiceUnavailableError("the model is loading; retry later", retry_after_s=5)
         return runner.embedder if runner is not None else None
 
-    async def embed(self, items: list[BatchItem]) -> list[BatchResult]:
+    async def embed(self, items: list[BatchItem], ticket: int | None = None) -> list[BatchResult]:
         """Through BentoML's adaptive batcher, shared with every concurrent request."""
         now = time.time()
-        stamped = [item.model_copy(update={"submitted_at": now}) for item in items]
+        stamped = [item.model_copy(update={"submitted_at": now, "ticket": ticket}) for item in items]
+        # The self-call passes the access log and API-key middlewares as an internal call (serving/access.py). The
+        # client's default headers are read when its first session opens, at the first call: set before it.
+        self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # type: ignore[attr-defined]
         depth = get_metrics().queue_depth
         depth.inc(len(items))
         try:
@@ -221,7 +353,13 @@ class NemotronEmbed:
         runner = self.model.value
         if runner is None:
             return [BatchResult(error=ItemError(status=503, message="the model is not ready"))] * len(items)
-        completed = [_complete(item, runner.embedder) for item in items]
+        if SETTINGS.fault_batch_delay_s:  # drills only: a slow device
+            time.sleep(SETTINGS.fault_batch_delay_s)
+        # Items whose request is over (client gone, timed out) never reach the device.
+        wanted = [self.admission.wanted(item.ticket) for item in items]
+        if not all(wanted):
+            get_metrics().abandoned_inputs.inc(wanted.count(False))
+        completed = [_complete(item, runner.embedder) if keep else ABANDONED for item, keep in zip(items, wanted)]
         todo = [item for item in completed if isinstance(item, BatchItem)]
         get_metrics().observe_batch_start([item.submitted_at for item in todo],
                                           sum(len(item.token_ids or ()) for item in todo))
@@ -230,6 +368,9 @@ class NemotronEmbed:
         get_metrics().inference_seconds.observe(time.perf_counter() - start)
         return [_result(item, next(outputs)) if isinstance(item, BatchItem) else BatchResult(error=item)
                 for item in completed]
+
+
+ABANDONED = ItemError(status=499, message="the request is over")
 
 
 def _complete(item: BatchItem, embedder: Embedder) -> BatchItem | ItemError:
@@ -246,7 +387,14 @@ def _result(item: BatchItem, output: np.ndarray | ItemError) -> BatchResult:
     return BatchResult(tokens=tokens, embedding=encode_vector(output))
 
 
-NemotronEmbed.add_asgi_middleware(NimErrorShape)  # BentoML's own routes answer in the NIM shape too
+# Outermost first. Every route passes them, BentoML's own included.
+NemotronEmbed.add_asgi_middleware(RequestLog, enabled=SETTINGS.access_log)  # x-request-id, JSON access log
+NemotronEmbed.add_asgi_middleware(NimErrorShape)  # every error below in the NIM shape (BentoML's, CORS refusals)
+if SETTINGS.cors_origins:
+    NemotronEmbed.add_asgi_middleware(CORSMiddleware, **cors_options(SETTINGS.cors_origins, SETTINGS.cors_headers))
+if API_KEYS:
+    NemotronEmbed.add_asgi_middleware(ApiKeyAuth, keys=API_KEYS, public=SETTINGS.public())
+NemotronEmbed.add_asgi_middleware(openapi.MergeIntoBentoDocs, document=OPENAPI)  # /docs.json shows the /v1 routes
 
 
 def service() -> NemotronEmbed:

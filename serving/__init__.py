@@ -10,8 +10,14 @@ This package is the core it stands on, none of it aware of BentoML:
     prepare.py    one request -> validated, tokenised batch items (before batching)
     runner.py     batch items -> vectors or per-item errors (the seam for a bucketing engine)
     encoding.py   dimensions, embedding types and base64
-    http.py       the Starlette plumbing: body limit, error shapes, 404/405
+    http.py       the Starlette plumbing: body limit, error shapes, 404/405, client disconnects
+    admission.py  admission control: inputs and tokens in flight, 429 beyond them
+    access.py     request ids, JSON access logs, API keys, CORS options
+    openapi.py    the OpenAPI of the /v1 routes (/v1/openapi.json, merged into /docs.json)
+    preflight.py  a missing or corrupt checkpoint stops the server before any worker starts
     metrics.py    Prometheus metrics (multi-process aware)
     info.py       bodies of /v1/models, health, metadata, manifest, license and version
-    lifecycle.py  loads and warms the model in the background so probes answer meanwhile
+    lifecycle.py  loads and warms the model in the background so probes answer meanwhile; SIGTERM un-listens
+
+Overload, hostile input, faults and access control: the README, "Hardening".
 """

@@ -27,6 +27,15 @@ class BadRequestError(NimError):
     status, type = 400, "BadRequestError"
 
 
+class AuthenticationError(NimError):
+    """A missing or wrong API key; the header tells a client which scheme to use."""
+
+    status, type = 401, "AuthenticationError"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
 class NotFoundError(NimError):
     status, type = 404, "NotFoundError"
 
@@ -40,7 +49,18 @@ class PayloadTooLargeError(NimError):
 
 
 class TooManyRequestsError(NimError):
+    """Over the admission limits: shed at once, with Retry-After, before any work is done."""
+
     status, type = 429, "TooManyRequestsError"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ClientClosedRequest(NimError):
+    """The client went away before its answer was ready (nginx's 499): nobody reads it, the access log does."""
+
+    status, type = 499, "ClientClosedRequest"
 
 
 class InternalServerError(NimError):
@@ -61,9 +81,9 @@ class GatewayTimeoutError(NimError):
 
 
 ERRORS_BY_STATUS: dict[int, type[NimError]] = {
-    cls.status: cls for cls in (BadRequestError, NotFoundError, MethodNotAllowedError, PayloadTooLargeError,
-                                TooManyRequestsError, InternalServerError, ServiceUnavailableError,
-                                GatewayTimeoutError)
+    cls.status: cls for cls in (BadRequestError, AuthenticationError, NotFoundError, MethodNotAllowedError,
+                                PayloadTooLargeError, TooManyRequestsError, ClientClosedRequest,
+                                InternalServerError, ServiceUnavailableError, GatewayTimeoutError)
 }
 
 

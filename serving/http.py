@@ -8,23 +8,25 @@ methods (405): BentoML mounts this app passively, so without it those would fall
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from serving.errors import (MethodNotAllowedError, NimError, NotFoundError, PayloadTooLargeError, error_body,
-                            error_type)
+from serving.errors import (ClientClosedRequest, MethodNotAllowedError, NimError, NotFoundError,
+                            PayloadTooLargeError, error_body, error_type)
 from serving.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -62,8 +64,23 @@ def nim_app(routes: list[tuple[str, str, Handler]]) -> Starlette:
                                     f"{', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
 
     table = [Route(path, _guarded(path, handler), methods=[method]) for method, path, handler in routes]
-    table.append(Route("/{path:path}", _guarded("unmatched", unmatched), methods=ALL_METHODS))
+    table.append(_Unmatched("/{path:path}", _guarded("unmatched", unmatched), methods=ALL_METHODS))
     return Starlette(routes=table)
+
+
+# BentoML's own pages, registered after the mounted app: a catch-all that matched them would hide them.
+BENTOML_PAGES = ("/", "/docs.json", "/schema.json")
+BENTOML_PREFIXES = ("/static_content/", "/assets/")
+
+
+class _Unmatched(Route):
+    """The catch-all (404/405 in the NIM shape), except for BentoML's Swagger UI and its OpenAPI document."""
+
+    def matches(self, scope: dict) -> tuple[Match, dict]:
+        path = scope.get("path", "")
+        if scope.get("method") in ("GET", "HEAD") and (path in BENTOML_PAGES or path.startswith(BENTOML_PREFIXES)):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -78,6 +95,44 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def discard_body(request: Request, max_bytes: int) -> None:
+    """Read and drop a body that will not be used, up to `max_bytes`: a server that answers (429) and closes with
+    the body unread makes the kernel reset the connection, and the client may see the reset instead of the answer.
+    Reading a small body costs little; past `max_bytes` the connection is closed anyway."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        return
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (after the body was read), cancelling it with a 499 if the client hangs up first.
+
+    Listens for the server's `http.disconnect` message instead of polling: nothing else reads from `receive` once
+    the body is in, and the wait costs nothing while the request is queued.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the caller is cancelled (its timeout)
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientClosedRequest("the client closed the connection before the answer was ready")
+
+
+async def _until_disconnected(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class NimErrorShape:

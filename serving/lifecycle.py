@@ -1,12 +1,15 @@
 """Load and warm the model on a background thread, so that the server answers probes while it loads:
 live 200 and ready 503 until the warm-up has compiled, then ready 200; live 503 if loading failed.
-
 (Loading inside the worker's start-up hooks would keep the socket bound but silent: probes would hang, not fail.)
+
+And at the end of a worker's life, `stop_listening` makes a SIGTERM refuse new connections while it drains.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Callable, Generic, TypeVar
@@ -50,3 +53,28 @@ class Background(Generic[T]):
             return
         self.value = value
         logger.info("%s loaded and warmed up in %.1f s", self.name, time.monotonic() - start)
+
+
+def stop_listening() -> int:
+    """Stop accepting connections on every listening socket of this process, for every process sharing it.
+
+    On SIGTERM uvicorn closes its own descriptor of the socket, but BentoML's supervisor holds another one while it
+    waits for its workers to drain: the kernel would keep accepting connections that nobody serves, and clients
+    would hang instead of failing over. `shutdown()` on a listening socket un-listens the socket itself, so new
+    connections are refused at once. Returns how many sockets were shut.
+    """
+    shut = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:  # not a socket, or already closed
+            continue
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.shutdown(socket.SHUT_RDWR)
+                shut += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return shut

@@ -43,6 +43,17 @@ class Metrics:
         self.computed_tokens = Counter("nim_forward_computed_tokens_total",
                                        "Tokens computed in forward passes, padding included (real/computed = "
                                        "padding efficiency)")
+        self.pass_retries = Counter("nim_forward_pass_retries_total", "Forward passes that failed (device error, "
+                                    "out of memory) and were retried in halves")
+        self.shed = Counter("nim_shed_requests_total", "Requests refused with 429 by admission control, by the limit "
+                            "hit (full: refused before reading the body)", ["reason"])
+        self.abandoned_inputs = Counter("nim_abandoned_inputs_total",
+                                        "Inputs skipped in a batch because their request was over (client gone, "
+                                        "timed out)")
+        self.inflight_inputs = Gauge("nim_inflight_inputs", "Inputs admitted and not yet answered",
+                                     multiprocess_mode="livesum")
+        self.inflight_tokens = Gauge("nim_inflight_tokens", "Tokens admitted and not yet answered",
+                                     multiprocess_mode="livesum")
         self.startup_seconds = Gauge("nim_startup_seconds", "Model load, conversion and warm-up, in seconds",
                                      multiprocess_mode="max")
         self.warmup_seconds = Gauge("nim_warmup_seconds", "Compiling every bucket before ready, in seconds",
@@ -79,6 +90,16 @@ class Metrics:
         self.pass_inputs.observe(inputs)
         self.real_tokens.inc(real_tokens)
         self.computed_tokens.inc(rows * length)
+
+    def on_retry(self, inputs: int) -> None:
+        self.pass_retries.inc()
+
+    def on_shed(self, reason: str) -> None:
+        self.shed.labels(reason=reason).inc()
+
+    def on_inflight(self, inputs: int, tokens: int) -> None:
+        self.inflight_inputs.set(inputs)
+        self.inflight_tokens.set(tokens)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

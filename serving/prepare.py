@@ -8,6 +8,7 @@ known before the forward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from model import Embedder
 from serving.errors import BadRequestError, NotFoundError
@@ -41,10 +42,45 @@ def default_input_type(modality: str) -> str:
     return "query" if modality == "text" else "passage"
 
 
+# Characters kept beyond the limit when a text is cut before tokenising, in tokens' worth: the cut changes only the
+# tokens of the word it falls in, far past the tokens that truncation keeps.
+CUT_MARGIN_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=8)
+def chars_per_token(tokenizer) -> int:
+    """The most characters one token can stand for: the longest entry of the vocabulary (byte-level entries are one
+    character per byte and a character is at least a byte), special tokens included."""
+    return max(len(token) for token in tokenizer.get_vocab(with_added_tokens=True))
+
+
+def cap_text(text: str | None, max_tokens: int, truncate: str, per_token: int) -> str | None:
+    """Cut a text that cannot fit by characters, before tokenising it: a 100 MB string is never tokenised.
+
+    A text longer than `max_tokens * per_token` characters has more than `max_tokens` tokens whatever it says, so
+    it is refused (NONE) or cut to that many characters plus a margin (END keeps the head, START the tail), which
+    leaves the tokens that truncation keeps exactly as a full tokenisation would give them.
+    """
+    limit = max_tokens * per_token
+    if text is None or len(text) <= limit:
+        return text
+    if truncate == "NONE":
+        raise ValueError(f"Input length exceeds maximum allowed token size {max_tokens}: {len(text)} characters "
+                         f"are more than {max_tokens} tokens can hold")
+    keep = limit + CUT_MARGIN_TOKENS * per_token
+    if truncate == "END":
+        return text[:keep]
+    # START keeps the tail. The text's first character stays in front of it: how the prompt's last space tokenises
+    # depends on it (a space merges into " word" but not into "  "), and so does how many text tokens are kept.
+    return text[0] + text[-keep:]
+
+
 def prepare_item(parsed: ParsedInput, input_type: str | None, truncate: str, embedder: Embedder,
                  settings: Settings) -> BatchItem:
     """Raises ValueError (InputTooLongError included) with a message for the client."""
     input_type = input_type or default_input_type(parsed.modality)
+    max_tokens = settings.max_tokens(parsed.modality)
+    text = cap_text(parsed.text, max_tokens, truncate, chars_per_token(embedder.prompter.tokenizer))
     tiles = 0
     if parsed.image is not None:
         if input_type != "passage":
@@ -54,7 +90,7 @@ def prepare_item(parsed: ParsedInput, input_type: str | None, truncate: str, emb
                              max_short_side=settings.max_image_short_side,
                              max_long_side=settings.max_image_long_side)
         tiles = embedder.num_tiles(info.width, info.height)
-    ids = embedder.prompter.encode(parsed.text, tiles, input_type, truncate, settings.max_tokens(parsed.modality))
+    ids = embedder.prompter.encode(text, tiles, input_type, truncate, max_tokens)
     return BatchItem(token_ids=ids.tolist(), image=parsed.image)
 
 

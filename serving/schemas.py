@@ -144,6 +144,8 @@ class BatchItem(BaseModel):
     text: str | None = Field(None, description="raw text, when token_ids is not given")
     input_type: Literal["query", "passage"] = "passage"
     submitted_at: float | None = Field(None, description="time.time() when queued: the queue-wait metric")
+    ticket: int | None = Field(None, description="the admission ticket of the request it belongs to: skipped "
+                                                 "once that request is over (client gone, timed out)")
 
 
 class ItemError(BaseModel):

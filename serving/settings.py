@@ -70,6 +70,31 @@ class Settings(BaseModel):
     startup_delay_s: float = Field(0.0, alias="EMBED_STARTUP_DELAY_S", ge=0,
                                    description="sleep before loading the model (to test readiness probes)")
 
+    # ---- admission control: work in flight per worker (queued or computing), beyond which requests get 429 ------
+    max_inflight_inputs: int | None = Field(None, alias="EMBED_MAX_INFLIGHT_INPUTS", ge=1,
+                                            description="inputs in flight; default 16 forward passes' rows")
+    max_inflight_tokens: int | None = Field(None, alias="EMBED_MAX_INFLIGHT_TOKENS", ge=1,
+                                            description="tokens in flight; default 16 forward passes' token budget")
+    retry_after_s: int = Field(1, alias="EMBED_RETRY_AFTER_S", ge=1, description="Retry-After of a 429")
+
+    # ---- security and access --------------------------------------------------------------------------------
+    api_keys: str | None = Field(None, alias="EMBED_API_KEYS", repr=False,
+                                 description="comma-separated keys; set (or a file) to require Bearer auth")
+    api_keys_file: str | None = Field(None, alias="EMBED_API_KEYS_FILE",
+                                      description="file of keys, one a line (# comments); reread at start only")
+    public_paths: str = Field("/v1/health/live,/v1/health/ready,/v1/metrics,/livez,/readyz,/healthz,/metrics",
+                              alias="EMBED_PUBLIC_PATHS", description="comma-separated paths open without a key")
+    cors_origins: str | None = Field(None, alias="EMBED_CORS_ORIGINS",
+                                     description="comma-separated allowed origins (`*` for any); unset: no CORS")
+    cors_headers: str = Field("authorization,content-type,x-request-id", alias="EMBED_CORS_HEADERS",
+                              description="comma-separated request headers a browser may send")
+    access_log: bool = Field(True, alias="EMBED_ACCESS_LOG", description="one JSON line per request on stdout")
+
+    # ---- fault injection (tests and drills only) ------------------------------------------------------------
+    fault_batch_delay_s: float = Field(0.0, alias="EMBED_FAULT_BATCH_DELAY_S", ge=0,
+                                       description="sleep in every batch: makes slow requests for timeout, drain "
+                                                   "and overload drills; never set it in production")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build from the environment; an empty variable counts as unset. Raises ValueError naming each bad one."""
@@ -82,6 +107,32 @@ class Settings(BaseModel):
             problems = "; ".join(f"{err['loc'][0]}={values.get(str(err['loc'][0]))!r}: {err['msg']}"
                                  for err in e.errors())
             raise ValueError(f"invalid service configuration: {problems}") from None
+
+    def inflight_limits(self, max_rows: int, max_batch_tokens: int) -> tuple[int, int]:
+        """(inputs, tokens) in flight per worker: the settings, else 16 of the engine's forward passes.
+
+        Sixteen passes keep the device busy between batches while bounding the queue: at a pass's duration d a
+        request waits at most ~16·d before its own pass starts, instead of piling up until it times out.
+        """
+        return (self.max_inflight_inputs or 16 * max_rows, self.max_inflight_tokens or 16 * max_batch_tokens)
+
+    def keys(self) -> tuple[str, ...]:
+        """API keys from EMBED_API_KEYS and EMBED_API_KEYS_FILE; empty: authentication is off."""
+        found = [k for k in (self.api_keys or "").split(",")]
+        if self.api_keys_file:
+            try:
+                lines = open(self.api_keys_file, encoding="utf-8").read().splitlines()
+            except OSError as e:
+                raise ValueError(f"EMBED_API_KEYS_FILE={self.api_keys_file!r} cannot be read: {e.strerror}") from None
+            found += [line for line in lines if not line.lstrip().startswith("#")]
+        keys = tuple(dict.fromkeys(k.strip() for k in found if k.strip()))
+        if not keys and (self.api_keys is not None or self.api_keys_file):
+            # Asked for authentication but given no key: refuse to start rather than serve everyone.
+            raise ValueError("EMBED_API_KEYS / EMBED_API_KEYS_FILE are set but hold no key")
+        return keys
+
+    def public(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.public_paths.split(",") if p.strip())
 
     def longest_input(self) -> int:
         return max(self.max_tokens_text, self.max_tokens_image, self.max_tokens_text_image)

@@ -6,10 +6,15 @@
 embeddings route answered while the model was loading (EMBED_STARTUP_DELAY_S keeps that window open), waits for
 /v1/health/ready and kills the process group at the end. `server` is the same server per test, and prints the part
 of the server log written during a test that failed.
+
+`guarded_server` (session) is a second one with API keys, CORS, tiny admission limits, a 1 s request timeout and a
+1.5 s delay in every batch (so every embedding times out, deterministically), for the overload and access tests.
+`launch()` starts any other variant (tests/test_hardening_faults.py), sharing the first one's caches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -96,27 +101,64 @@ def _wait_for_startup(server: Server, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()}")
 
 
-@pytest.fixture(scope="session")
-def nim_server(tiny_checkpoint, tmp_path_factory):
-    work = tmp_path_factory.mktemp("nim_server")
+def start(checkpoint: Path | str, work: Path, extra_env: dict[str, str] | None = None,
+          cache_dir: Path | None = None) -> tuple[Server, subprocess.Popen]:
+    """`bentoml serve` in its own process group (not waited for), logging to work/server.log."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, **SERVER_ENV,
-           "EMBED_MODEL": str(tiny_checkpoint),
-           "EMBED_CACHE_DIR": str(work / "cache"),
+           "EMBED_MODEL": str(checkpoint),
+           "EMBED_CACHE_DIR": str(cache_dir or work / "cache"),
            "BENTOML_HOME": str(work / "bentoml"),  # its own Prometheus directory, not a developer's server's
            "BENTOML_DO_NOT_TRACK": "true",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", **(extra_env or {})}
     server = Server(f"http://127.0.0.1:{port}", work / "server.log", env)
     with open(server.log, "wb") as log:  # the CLI exactly as documented, run by this interpreter
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return server, proc
+
+
+@contextlib.contextmanager
+def launch(checkpoint: Path | str, work: Path, extra_env: dict[str, str] | None = None,
+           cache_dir: Path | None = None):
+    """A started and ready server (and its process), stopped at the end."""
+    server, proc = start(checkpoint, work, extra_env, cache_dir)
     try:
         _wait_for_startup(server, proc)
-        yield server
+        yield server, proc
     finally:
         _stop(proc)
         if os.environ.get("NIM_TEST_SHOW_LOG"):
             print(server.log_text())
+
+
+@pytest.fixture(scope="session")
+def nim_server(tiny_checkpoint, tmp_path_factory):
+    with launch(tiny_checkpoint, tmp_path_factory.mktemp("nim_server")) as (server, _):
+        yield server
+
+
+API_KEYS = ("key-from-env-1", "key-from-env-2")
+FILE_KEY = "key-from-file"
+GUARDED_ENV = {
+    "EMBED_STARTUP_DELAY_S": "0",
+    "EMBED_API_KEYS": ",".join(API_KEYS),
+    "EMBED_CORS_ORIGINS": "https://app.example",
+    "EMBED_MAX_INFLIGHT_INPUTS": "4",
+    "NIM_REQUEST_TIMEOUT_S": "1",
+    "EMBED_FAULT_BATCH_DELAY_S": "1.5",
+}
+
+
+@pytest.fixture(scope="session")
+def guarded_server(nim_server, tiny_checkpoint, tmp_path_factory):
+    work = tmp_path_factory.mktemp("guarded_server")
+    keys = work / "keys.txt"
+    keys.write_text(f"# one key a line\n{FILE_KEY}\n\n")
+    env = {**GUARDED_ENV, "EMBED_API_KEYS_FILE": str(keys)}
+    with launch(tiny_checkpoint, work, env, cache_dir=Path(nim_server.env["EMBED_CACHE_DIR"])) as (server, _):
+        yield server
 
 
 def _stop(proc: subprocess.Popen) -> None:

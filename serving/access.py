@@ -1,0 +1,131 @@
+"""Who may call, from which origin, and what was done: request ids, JSON access logs, API keys and CORS.
+
+ASGI middlewares around every route (BentoML's own included), outermost first:
+
+    RequestLog   x-request-id echoed (or generated) and one JSON line per request: time, request id, method, path,
+                 status, duration, inputs, tokens. Never a body, a header value or a key.
+    CORS         Starlette's CORSMiddleware, when EMBED_CORS_ORIGINS is set (it answers preflights itself).
+    ApiKeyAuth   `Authorization: Bearer <key>` on every path but the public ones, when keys are configured.
+
+`/v1/embeddings` reaches the model through an in-process self-call to BentoML's batch API, which passes through these
+middlewares too: it carries a random per-process token (`INTERNAL_HEADER`), so it is neither logged nor asked for a
+key. The token never leaves the process: the self-call is an in-memory ASGI call, not a network one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from serving.errors import AuthenticationError
+from serving.http import error_response
+
+INTERNAL_HEADER = "x-nim-internal"
+INTERNAL_TOKEN = secrets.token_hex(16)
+RECORD_KEY = "nim.access"  # the scope entry a handler fills with what the access log should say
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's id is logged: nothing that could forge a line
+
+access_logger = logging.getLogger("serving.access")
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def is_internal(scope: dict) -> bool:
+    token = _header(scope, INTERNAL_HEADER.encode())
+    return token is not None and hmac.compare_digest(token, INTERNAL_TOKEN)
+
+
+def annotate(scope: dict, **fields: Any) -> None:
+    """Add fields (inputs, tokens) to this request's access-log line."""
+    record = scope.get(RECORD_KEY)
+    if record is not None:
+        record.update(fields)
+
+
+def _json_lines_to_stdout() -> None:
+    """The access log is for machines: bare JSON lines on stdout, apart from BentoML's formatted log."""
+    if not access_logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger.addHandler(handler)
+        access_logger.setLevel(logging.INFO)
+        access_logger.propagate = False
+
+
+class RequestLog:
+    def __init__(self, app: Any, enabled: bool = True) -> None:
+        self.app, self.enabled = app, enabled
+        if enabled:
+            _json_lines_to_stdout()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or is_internal(scope):
+            return await self.app(scope, receive, send)
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        record: dict[str, Any] = {"request_id": request_id}
+        scope[RECORD_KEY] = record
+        start = time.perf_counter()
+        status = 500  # if the app raises before answering
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.enabled:
+                access_logger.info(json.dumps({
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                    "status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    "inputs": record.get("inputs"), "tokens": record.get("tokens"),
+                    "client": (scope.get("client") or [None])[0]}))
+
+
+class ApiKeyAuth:
+    """401 in the NIM shape unless the request carries one of the keys (compared in constant time)."""
+
+    def __init__(self, app: Any, keys: Iterable[str], public: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.public = frozenset(public)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.public or is_internal(scope) or self._valid(scope):
+            return await self.app(scope, receive, send)
+        message = "missing API key: send 'Authorization: Bearer <key>'" \
+            if _header(scope, b"authorization") is None else "invalid API key"
+        await error_response(AuthenticationError(message))(scope, receive, send)
+
+    def _valid(self, scope: dict) -> bool:
+        scheme, _, key = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        given = key.strip().encode()
+        # Every key is compared, so the time taken does not tell which one came close.
+        return sum(hmac.compare_digest(given, k) for k in self.keys) > 0
+
+
+def cors_options(origins: str, headers: str) -> dict[str, Any]:
+    split = lambda value: [v.strip() for v in value.split(",") if v.strip()]  # noqa: E731
+    return {"allow_origins": split(origins), "allow_methods": ["GET", "POST", "OPTIONS"],
+            "allow_headers": split(headers), "expose_headers": ["x-request-id", "retry-after"], "max_age": 600}
