@@ -23,6 +23,7 @@ Overload, hostile input, faults and access control: the README, "Hardening".
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import os
@@ -47,6 +48,7 @@ from serving.access import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeyAuth, RequestL
 from serving.admission import Admission
 from serving.encoding import check_dimensions, embeddings_body, encode_vector, gather_vectors
 from serving.errors import GatewayTimeoutError, ServiceUnavailableError, TooManyRequestsError, from_batcher
+from serving.handoff import Handed
 from serving.http import NimErrorShape, discard_body, nim_app, read_body, unless_disconnected
 from serving.inputs import PILLOW_FORMATS, limit_pillow_pixels
 from serving.lifecycle import Background, stop_listening
@@ -97,7 +99,7 @@ async def embeddings(request: Request) -> Response:
             prepared = await offload(prepare_request, req, input_type, embedder, SETTINGS)
             ticket.charge(sum(prepared.tokens))  # 429 over the tokens in flight
             annotate(request.scope, tokens=sum(prepared.tokens))
-            return prepared, await svc.embed(prepared.items, ticket.id)
+            return prepared, await svc.embed(prepared.items)
 
         try:
             async with asyncio.timeout(SETTINGS.request_timeout_s):
@@ -244,6 +246,40 @@ def release_timeout_timers() -> None:
 release_timeout_timers()
 
 
+def cache_io_schemas() -> None:
+    """Generate each BentoML IO model's JSON schema once, not on every call.
+
+    BentoML 1.4 rebuilds the JSON schema of a method's input or output model on every self-call, only to read its
+    `type` (`IOMixin.mime_type` when answering, `IORootModel.model_json_schema` when the client parses the answer):
+    2-3 ms with the GIL held, per request (~6% of the worker's time under load here, py-spy). A model's schema is
+    fixed once the service is defined, so the no-argument call is cached (a copy is returned: callers may edit it).
+    bentoml is pinned to 1.4.40; tests/test_service_units.py checks the hook.
+    """
+    from _bentoml_sdk.io_models import IOMixin, IORootModel
+
+    for owner in (IOMixin, IORootModel):  # list[...] outputs are IORootModels, with their own method
+        method = owner.__dict__["model_json_schema"].__func__
+        generate = getattr(method, "__wrapped__", method)
+        owner.model_json_schema = classmethod(_cached_schema(generate))  # type: ignore[method-assign]
+
+
+def _cached_schema(generate: Callable[..., dict]) -> Callable[..., dict]:
+    schemas: dict[type, dict] = {}
+
+    @functools.wraps(generate)
+    def model_json_schema(cls, *args, **kwargs) -> dict:
+        if args or kwargs:
+            return generate(cls, *args, **kwargs)
+        if cls not in schemas:
+            schemas[cls] = generate(cls)
+        return copy.deepcopy(schemas[cls])
+
+    return model_json_schema
+
+
+cache_io_schemas()
+
+
 @bentoml.asgi_app(API, path="/")
 @bentoml.service(
     name="nemotron-embed-vl",
@@ -330,58 +366,62 @@ class NemotronEmbed:
             raise ServiceUnavailableError("the model is loading; retry later", retry_after_s=5)
         return runner.embedder if runner is not None else None
 
-    async def embed(self, items: list[BatchItem], ticket: int | None = None) -> list[BatchResult]:
-        """Through BentoML's adaptive batcher, shared with every concurrent request."""
-        now = time.time()
-        stamped = [item.model_copy(update={"submitted_at": now, "ticket": ticket}) for item in items]
+    async def embed(self, items: list[BatchItem]) -> list[BatchResult]:
+        """Through BentoML's adaptive batcher, shared with every concurrent request. The inputs wait in this
+        worker's handoff (images start decoding now, while the batch in flight runs); only their keys cross."""
+        handoff = self.model.value.handoff
+        keys = [self.model.value.hand_over(item.token_ids, item.image) for item in items]
         # The self-call passes the access log and API-key middlewares as an internal call (serving/access.py). The
         # client's default headers are read when its first session opens, at the first call: set before it.
         self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # type: ignore[attr-defined]
         depth = get_metrics().queue_depth
         depth.inc(len(items))
         try:
-            return await self.to_async.embed_batch(stamped)  # type: ignore[attr-defined]
+            return await self.to_async.embed_batch([BatchItem(handoff=key) for key in keys])  # type: ignore
         except BentoMLException as e:
             raise from_batcher(int(e.error_code)) from None
         finally:
             depth.dec(len(items))
+            handoff.discard(keys)  # over, however it ended: what its batch has not taken is dropped
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
     def embed_batch(self, items: list[BatchItem]) -> list[BatchResult]:
-        """Embed pre-tokenised items (or raw text/image items from a BentoML client), one result per item."""
+        """Embed the inputs /v1/embeddings handed over (or raw text/image items from a BentoML client), one result
+        per item."""
         runner = self.model.value
         if runner is None:
             return [BatchResult(error=ItemError(status=503, message="the model is not ready"))] * len(items)
         if SETTINGS.fault_batch_delay_s:  # drills only: a slow device
             time.sleep(SETTINGS.fault_batch_delay_s)
-        # Items whose request is over (client gone, timed out) never reach the device.
-        wanted = [self.admission.wanted(item.ticket) for item in items]
-        if not all(wanted):
-            get_metrics().abandoned_inputs.inc(wanted.count(False))
-        completed = [_complete(item, runner.embedder) if keep else ABANDONED for item, keep in zip(items, wanted)]
-        todo = [item for item in completed if isinstance(item, BatchItem)]
-        get_metrics().observe_batch_start([item.submitted_at for item in todo],
-                                          sum(len(item.token_ids or ()) for item in todo))
+        # Inputs whose request is over (client gone, timed out) are no longer in the handoff: they never reach the
+        # device.
+        inputs = [_take(item, runner) for item in items]
+        if (abandoned := sum(1 for x in inputs if x is ABANDONED)):
+            get_metrics().abandoned_inputs.inc(abandoned)
+        todo = [x for x in inputs if isinstance(x, Handed)]
+        get_metrics().observe_batch_start([x.submitted_at for x in todo], sum(len(x.token_ids) for x in todo))
         start = time.perf_counter()
         outputs = iter(runner.run(todo))
         get_metrics().inference_seconds.observe(time.perf_counter() - start)
-        return [_result(item, next(outputs)) if isinstance(item, BatchItem) else BatchResult(error=item)
-                for item in completed]
+        return [_result(x, next(outputs)) if isinstance(x, Handed) else BatchResult(error=x) for x in inputs]
 
 
 ABANDONED = ItemError(status=499, message="the request is over")
 
 
-def _complete(item: BatchItem, embedder: Embedder) -> BatchItem | ItemError:
+def _take(item: BatchItem, runner: Runner) -> Handed | ItemError:
+    if item.handoff is not None:
+        return runner.handoff.take(item.handoff) or ABANDONED
     try:
-        return complete_item(item, embedder, SETTINGS)
+        item = complete_item(item, runner.embedder, SETTINGS)
     except ValueError as e:
         return ItemError(status=400, message=str(e))
+    return runner.direct(item.token_ids or [], item.image)
 
 
-def _result(item: BatchItem, output: np.ndarray | ItemError) -> BatchResult:
-    tokens = len(item.token_ids or ())
+def _result(handed: Handed, output: np.ndarray | ItemError) -> BatchResult:
+    tokens = len(handed.token_ids)
     if isinstance(output, ItemError):
         return BatchResult(tokens=tokens, error=output)
     return BatchResult(tokens=tokens, embedding=encode_vector(output))

@@ -7,7 +7,9 @@ tiles per vision pass are powers of two.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -43,26 +45,29 @@ class BucketPlan:
     min_image_length: int  # the shortest prompt that holds an image
     row_factor: int = 2
 
-    @property
+    # The packer asks these for every input of every batch: computed once per plan.
+    @functools.cached_property
     def lengths(self) -> tuple[int, ...]:
         return length_buckets(self.max_length)
 
-    @property
+    @functools.cached_property
     def tiles(self) -> tuple[int, ...]:
         return geometric(self.max_tiles, 2)
 
+    @functools.lru_cache(maxsize=None)
     def row_cap(self, length: int, image: bool = False) -> int:
         cap = max(1, min(self.max_rows, self.max_batch_tokens // length))
         return min(cap, self.max_tiles) if image else cap
 
+    @functools.lru_cache(maxsize=None)
     def rows(self, length: int, image: bool = False) -> tuple[int, ...]:
         return geometric(self.row_cap(length, image), self.row_factor)
 
     def length_for(self, n_tokens: int) -> int:
-        for bucket in self.lengths:
-            if n_tokens <= bucket:
-                return bucket
-        raise ValueError(f"{n_tokens} tokens exceed the longest bucket {self.lengths[-1]}")
+        i = bisect.bisect_left(self.lengths, n_tokens)
+        if i == len(self.lengths):
+            raise ValueError(f"{n_tokens} tokens exceed the longest bucket {self.lengths[-1]}")
+        return self.lengths[i]
 
     def rows_for(self, n_rows: int, length: int, image: bool = False) -> int:
         return next(r for r in self.rows(length, image) if r >= n_rows)

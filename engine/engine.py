@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
@@ -194,9 +194,14 @@ class Engine:
                                          item.truncate, item.max_tokens)
         return self.embedder.prepared_from_ids(item.token_ids, image)
 
-    def _prepare_safely(self, item: EngineItem) -> PreparedInput | Exception:
+    def submit(self, item: EngineItem | Callable[[], EngineItem]) -> Future:
+        """Start preparing one input on the host pool now (a callable is called there first, e.g. to decode its
+        base64); pass the future to `embed` in the item's place. Its result is a PreparedInput or the exception."""
+        return self._pool.submit(self._prepare_safely, item)
+
+    def _prepare_safely(self, item: EngineItem | Callable[[], EngineItem]) -> PreparedInput | Exception:
         try:
-            prepared = self.prepare(item)
+            prepared = self.prepare(item() if callable(item) else item)
         except Exception as e:  # one input's failure is reported in its own slot
             return e
         if prepared.num_tokens > self.plan.lengths[-1]:
@@ -262,9 +267,12 @@ class Engine:
         self.stats.computed_tokens += rows * length
         return out, ("multimodal" if image else "text", rows, length, len(members), real, tiles)
 
-    def embed(self, items: list[EngineItem]) -> list[np.ndarray | Exception]:
-        """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised."""
-        results: list[np.ndarray | Exception] = list(self._pool.map(self._prepare_safely, items))
+    def embed(self, items: Sequence[EngineItem | Future]) -> list[np.ndarray | Exception]:
+        """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised.
+
+        An item may be a future from `submit` (preparation already started, e.g. while the previous call ran)."""
+        futures = [item if isinstance(item, Future) else self.submit(item) for item in items]
+        results: list[np.ndarray | Exception] = [_outcome(f) for f in futures]  # waited here, never in the pool
         prepared = {i: r for i, r in enumerate(results) if isinstance(r, PreparedInput)}
         launched = []
         for image, indices in self.pack(prepared):
@@ -316,6 +324,13 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _outcome(future: Future) -> PreparedInput | Exception:
+    try:
+        return future.result()
+    except CancelledError as e:
+        return e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,7 +8,8 @@ This package is the core it stands on, none of it aware of BentoML:
     errors.py     typed errors, each with its HTTP status and NIM type
     inputs.py     data URLs, modality inference, image checks from the header alone
     prepare.py    one request -> validated, tokenised batch items (before batching)
-    runner.py     batch items -> vectors or per-item errors (the seam for a bucketing engine)
+    handoff.py    inputs left by a request for its batch, by key: images start decoding before the batch
+    runner.py     batch items -> vectors or per-item errors, through the bucketing engine
     encoding.py   dimensions, embedding types and base64
     http.py       the Starlette plumbing: body limit, error shapes, 404/405, client disconnects
     admission.py  admission control: inputs and tokens in flight, 429 beyond them

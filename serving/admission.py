@@ -9,10 +9,8 @@ A request is admitted in two steps, each refused with 429 and Retry-After in wel
 A request larger than the limits alone is admitted when nothing else is in flight, so that every request the API
 accepts can run. Released when the request ends, however it ends (answered, failed, timed out, client gone).
 
-A ticket also tells the batch function whether its request still wants the answer: BentoML's batcher dispatches
-queued items even after their caller was cancelled, so each item carries its ticket id and `wanted(id)` is False
-once the request is over; the batch function then skips it instead of spending the device on it.
-Everything here runs on the event loop except `wanted`, a dict lookup (atomic under the GIL) from the batch thread.
+Everything here runs on the event loop. (Whether a queued item's request still wants it is the handoff's business:
+serving/handoff.py.)
 """
 
 from __future__ import annotations
@@ -78,10 +76,6 @@ class Admission:
             self.inputs -= ticket.inputs
             self.tokens -= ticket.tokens
             self.on_change(self.inputs, self.tokens)
-
-    def wanted(self, ticket_id: int | None) -> bool:
-        """Whether an item's request is still waiting for it (items without a ticket come from BentoML clients)."""
-        return ticket_id is None or ticket_id in self._tickets
 
     @property
     def requests(self) -> int:

@@ -7,13 +7,13 @@ Errors are `ValueError`s with a message that the caller prefixes with `input[i]:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 import io
 import re
 import warnings
 
+import pybase64
 from PIL import Image
 
 SUPPORTED_IMAGE_TYPES = ("png", "jpeg", "webp", "gif", "bmp", "tiff")
@@ -23,11 +23,9 @@ PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 # `[\w.+-]+` also catches unsupported subtypes (svg+xml) so they fail loudly instead of passing as text.
 # The payload has no whitespace, so text after a space ("data:...AAAA caption") is not swallowed as base64.
-_DATA_URL = r"data:image/(?P<type>[\w.+-]+);base64,(?P<data>[A-Za-z0-9+/]*={0,2})"
-_IMG_TAG = re.compile(r"""<img\s+src\s*=\s*(?P<q>["'])(?P<src>.*?)(?P=q)\s*/?>""", re.IGNORECASE | re.DOTALL)
+_IMG_TAG = re.compile(r"""<img\s+src\s*=\s*(?:"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')\s*/?>""", re.IGNORECASE)
 _HEAD = re.compile(r"data:image/(?P<type>[\w.+-]+);base64,", re.IGNORECASE)
 _PAYLOAD = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # without IGNORECASE: 5x faster over a multi-megabyte payload
-_WHOLE = re.compile(_DATA_URL + r"\Z", re.IGNORECASE | re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +50,30 @@ def _images(value: str) -> list[tuple[int, int, str, str]]:
     """
     found, tags = [], []
     for m in _IMG_TAG.finditer(value):
-        url = _WHOLE.match(m.group("src").strip())
-        if url is not None:
-            found.append((m.start(), m.end(), url.group("type"), url.group("data")))
+        src = (m.group("dq") if m.group("dq") is not None else m.group("sq")).strip()
+        head = _HEAD.match(src)
+        if head is not None and _payload_end(src, head.end()) == len(src):
+            found.append((m.start(), m.end(), head.group("type"), src[head.end():]))
             tags.append((m.start(), m.end()))
     outside_tags = value
     for start, end in tags:  # blank the tags out, keeping offsets, so their URLs are not found twice
         outside_tags = outside_tags[:start] + " " * (end - start) + outside_tags[end:]
     pos = 0
     while (head := _HEAD.search(outside_tags, pos)) is not None:  # resume after each payload, never scan it twice
-        payload = _PAYLOAD.match(outside_tags, head.end())
-        found.append((head.start(), payload.end(), head.group("type"), payload.group()))
-        pos = payload.end()
+        end = _payload_end(outside_tags, head.end())
+        found.append((head.start(), end, head.group("type"), outside_tags[head.end():end]))
+        pos = end
     return sorted(found)
+
+
+def _payload_end(value: str, start: int) -> int:
+    """Where the base64 payload that begins at `start` ends. Usually it runs to the end of the input (a bare data
+    URL, or text then an image), which decoding it confirms at memory speed; otherwise a regex finds the end."""
+    try:
+        pybase64.b64decode(value[start:], validate=True)
+        return len(value)
+    except ValueError:  # binascii.Error included: text after the payload (or padding that decoding will refuse)
+        return _PAYLOAD.match(value, start).end()
 
 
 def _image_type(declared: str) -> str:
@@ -104,7 +113,7 @@ def decoded_size(b64: str) -> int:
 
 def decode_base64(b64: str) -> bytes:
     try:
-        return base64.b64decode(b64, validate=True)
+        return pybase64.b64decode(b64, validate=True)  # the standard library's, 40x faster (SIMD): 0.3 ms a page
     except (binascii.Error, ValueError):
         raise ValueError("image data is not valid base64") from None
 
@@ -114,24 +123,49 @@ def inspect_image(b64: str, *, max_bytes: int, max_short_side: int, max_long_sid
     size = decoded_size(b64)
     if size > max_bytes:
         raise ValueError(f"image is {size} bytes; the limit is {max_bytes} bytes")
-    raw = decode_base64(b64)
-    if not raw:
-        raise ValueError("image data is empty")
-    try:
-        with Image.open(io.BytesIO(raw), formats=PILLOW_FORMATS) as im:  # reads the header only
-            width, height, fmt = im.width, im.height, im.format or "?"
-    except Image.DecompressionBombError:  # more pixels than the limit's area (see limit_pillow_pixels)
-        raise ValueError(f"image exceeds the limit of {max_short_side}x{max_long_side} pixels (either orientation)"
-                         ) from None
-    except Exception:  # Pillow raises many types for bad data; the client only needs to know it is unusable
-        raise ValueError("image data is corrupt or not a supported format ("
-                         + ", ".join(SUPPORTED_IMAGE_TYPES) + ")") from None
+    fmt = None
+    if len(b64) > HEADER_CHARS:  # a page's base64 is megabytes: its header is in the first few kilobytes
+        try:
+            width, height, fmt = _header(decode_base64(b64[:HEADER_CHARS]))
+        except Image.DecompressionBombError:
+            raise ValueError(_too_many_pixels(max_short_side, max_long_side)) from None
+        except Exception:  # the header is further in (a JPEG with large metadata, a TIFF), or the data is bad
+            fmt = None
+    if fmt is None:
+        width, height, fmt = _header_of_all(b64, max_short_side, max_long_side)
     if width < 1 or height < 1:
         raise ValueError(f"image has no pixels ({width}x{height})")
     if min(width, height) > max_short_side or max(width, height) > max_long_side:
         raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_short_side}x{max_long_side} "
                          "(either orientation)")
     return ImageInfo(width, height, fmt.lower(), size)
+
+
+# Base64 characters decoded to read a large image's header: 48 KiB of file, where PNG, GIF, WebP, BMP and most JPEGs
+# have it (else the whole file is). The rest is decoded and checked once, with the pixels, on the engine's pool.
+HEADER_CHARS = 64 * 1024
+
+
+def _header(raw: bytes) -> tuple[int, int, str]:
+    with Image.open(io.BytesIO(raw), formats=PILLOW_FORMATS) as im:  # reads the header only
+        return im.width, im.height, im.format or "?"
+
+
+def _header_of_all(b64: str, max_short_side: int, max_long_side: int) -> tuple[int, int, str]:
+    raw = decode_base64(b64)
+    if not raw:
+        raise ValueError("image data is empty")
+    try:
+        return _header(raw)
+    except Image.DecompressionBombError:  # more pixels than the limit's area (see limit_pillow_pixels)
+        raise ValueError(_too_many_pixels(max_short_side, max_long_side)) from None
+    except Exception:  # Pillow raises many types for bad data; the client only needs to know it is unusable
+        raise ValueError("image data is corrupt or not a supported format ("
+                         + ", ".join(SUPPORTED_IMAGE_TYPES) + ")") from None
+
+
+def _too_many_pixels(max_short_side: int, max_long_side: int) -> str:
+    return f"image exceeds the limit of {max_short_side}x{max_long_side} pixels (either orientation)"
 
 
 def limit_pillow_pixels(max_short_side: int, max_long_side: int) -> None:

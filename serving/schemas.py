@@ -133,19 +133,19 @@ def describe_validation_error(error: ValidationError) -> str:
 
 # ---- across the batcher ---------------------------------------------------------------------------------------------
 class BatchItem(BaseModel):
-    """One input on its way to the model: compact, because BentoML's in-process self-call JSON-encodes it.
+    """One input on its way to the model, across BentoML's batcher (whose in-process self-call JSON-encodes it).
 
-    `/v1/embeddings` sends `token_ids` (validated and tokenised before batching). A direct BentoML client may send
-    `text`/`image`/`input_type` instead and the item is tokenised inside the batch (errors stay per item).
+    `/v1/embeddings` sends only `handoff`: the validated, tokenised input waits in the worker (serving/handoff.py),
+    its image already decoding. A direct BentoML client sends `token_ids`, or `text`/`image`/`input_type`, and the
+    item is tokenised inside the batch (errors stay per item).
     """
 
     token_ids: list[int] | None = Field(None, description="the full prompt's token ids, image tokens included")
     image: str | None = Field(None, description="base64 of the image file's bytes (png, jpeg, webp, gif, bmp, tiff)")
     text: str | None = Field(None, description="raw text, when token_ids is not given")
     input_type: Literal["query", "passage"] = "passage"
-    submitted_at: float | None = Field(None, description="time.time() when queued: the queue-wait metric")
-    ticket: int | None = Field(None, description="the admission ticket of the request it belongs to: skipped "
-                                                 "once that request is over (client gone, timed out)")
+    handoff: str | None = Field(None, description="internal: the key of an input that /v1/embeddings left in this "
+                                                  "worker (a key from anywhere else matches nothing)")
 
 
 class ItemError(BaseModel):

@@ -8,6 +8,7 @@ import json
 import logging
 import struct
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from serving import openapi
 from serving.access import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeyAuth, RequestLog, annotate
 from serving.admission import Admission
 from serving.errors import TooManyRequestsError
+from serving.handoff import Handed, Handoff
 from serving.http import nim_app
 from serving.prepare import CUT_MARGIN_TOKENS, cap_text, chars_per_token
+from serving.schemas import BatchItem
 from serving.preflight import CheckpointError, check_checkpoint, preflight
 from serving.settings import Settings
 
@@ -60,12 +63,36 @@ def test_a_request_larger_than_the_limits_runs_alone():
     assert a.inputs == 0 and a.tokens == 0
 
 
-def test_items_of_a_finished_request_are_not_wanted():
-    a = Admission(max_inputs=4, max_tokens=10)
-    ticket = a.admit(1)
-    assert a.wanted(ticket.id) and a.wanted(None)  # None: a direct BentoML client's item
-    a.release(ticket)
-    assert not a.wanted(ticket.id)
+def test_inputs_of_a_finished_request_are_not_taken_and_not_prepared():
+    started = []
+
+    def prepare(name):
+        def start():
+            future = Future()
+            started.append((name, future))
+            return future
+        return start
+
+    h = Handoff(early_tiles=4)
+    a = h.put(Handed([1, 2], prepare("a"), tiles=3))  # within the budget: starts at once
+    b = h.put(Handed([1, 2], prepare("b"), tiles=3))  # over it: prepared inside its batch
+    text = h.put(Handed([1]))
+    assert [name for name, _ in started] == ["a"] and h.early_in_use == 3
+    assert h.take(a).started is started[0][1] and h.early_in_use == 0  # taken: the budget is free again
+    h.discard([a, b, text])  # the request is over: nothing left behind
+    assert h.take(b) is None and h.take(text) is None and len(h) == 0
+    c = h.put(Handed([1, 2], prepare("c"), tiles=4))
+    h.discard([c])  # over before its batch: its preparation is cancelled and its budget returned
+    assert started[-1][1].cancelled() and h.early_in_use == 0
+    assert h.take("a key from elsewhere") is None
+
+
+def test_the_queue_wait_cannot_be_set_by_a_client():
+    """A direct BentoML client once sent `submitted_at: -1e308` (the fuzzer did) and the queue-wait histogram's sum
+    became +inf for good: the wait now lives in the worker's handoff, not in a field of the item."""
+    assert {"submitted_at", "ticket"}.isdisjoint(BatchItem.model_fields)
+    assert BatchItem.model_validate({"submitted_at": -1e308, "token_ids": [1]}).model_dump(exclude_none=True) == {
+        "token_ids": [1], "input_type": "passage"}
 
 
 def test_admission_is_fast():

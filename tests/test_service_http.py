@@ -621,10 +621,12 @@ def _mixed_request(i: int) -> dict:
 
 
 def metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/v1/metrics").text.splitlines():
+    response = client.get("/v1/metrics")
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
-    return 0.0
+    raise AssertionError(f"{name} is not in /v1/metrics:\n{response.text}")
 
 
 def _decode(body: dict) -> np.ndarray:
