@@ -88,6 +88,27 @@ async def run_level(url: str, bodies: list[dict], concurrency: int) -> tuple[flo
         return time.perf_counter() - start, latencies, errors
 
 
+def cpu_seconds(root: int | None) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc); NaN when unknown."""
+    if root is None or not Path("/proc").is_dir():
+        return float("nan")
+    parent, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        pid = int(stat.parent.name)
+        parent[pid], cpu[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # utime + stime
+    total = 0
+    for pid in cpu:
+        p = pid
+        while p not in (0, 1, root) and p in parent:
+            p = parent[p]
+        total += cpu[pid] if p == root else 0
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,14 +185,22 @@ def main() -> None:
         t = time.perf_counter()
         proc, url = start_server(converted, cache)
         print(f"server ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    rows = []
+    rows, breakdown = [], []
     try:
         asyncio.run(run_level(url, bodies[:8], 4))  # warm connections and the batcher's cost model
         for c in args.concurrency:
             before = scrape(url)
+            cpu0, client0 = cpu_seconds(proc.pid if proc else None), time.process_time()
             wall, lat, errors = asyncio.run(run_level(url, bodies, c))
+            cpu1, client1 = cpu_seconds(proc.pid if proc else None), time.process_time()
             after = scrape(url)
             d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            mean = lambda name: d.get(f"{name}_sum", 0) / d[f"{name}_count"] if d.get(f"{name}_count") else 0  # noqa
+            breakdown.append(dict(
+                c=c, server_cores=(cpu1 - cpu0) / wall, client_cores=(client1 - client0) / wall,
+                request_ms=mean("nim_request_duration_seconds") * 1000, queue_ms=mean("nim_queue_duration_seconds") * 1000,
+                batch_ms=mean("nim_inference_duration_seconds") * 1000,
+                batch_busy=d.get("nim_inference_duration_seconds_sum", 0) / wall))
             real, computed = d.get("nim_forward_real_tokens_total", 0), d.get("nim_forward_computed_tokens_total", 0)
             passes = d.get("nim_forward_pass_inputs_count", 0)
             batches = d.get("nim_batch_size_count", 0)
@@ -198,6 +227,15 @@ def main() -> None:
         print(f"| {r['c']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['errors']} | "
               f"{r['efficiency']:.2f} | {r['batch']:.1f} | {r['per_pass']:.1f} | {r['compiles']:.0f} |")
     print(f"| in-process engine (batches of 128) | {engine_rps:.1f} | | | | | | | |")
+    print()
+    print("Where the time goes (server-side means from its metrics; CPU from /proc; %d cores):" % (os.cpu_count() or 0))
+    print()
+    print("| concurrency | server CPU cores | load generator CPU cores | request ms | queue wait ms | batch ms | "
+          "batch thread busy |")
+    print("|---|---|---|---|---|---|---|")
+    for b in breakdown:
+        print(f"| {b['c']} | {b['server_cores']:.2f} | {b['client_cores']:.2f} | {b['request_ms']:.0f} | "
+              f"{b['queue_ms']:.0f} | {b['batch_ms']:.0f} | {b['batch_busy']:.0%} |")
     print()
     for r in rows:
         print(f"ratio served/engine throughput at concurrency {r['c']}: {r['rps'] / engine_rps:.2f}x")
