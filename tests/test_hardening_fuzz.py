@@ -1,7 +1,7 @@
 """Fuzzing the live server (issue #5): schemathesis from the service's own OpenAPI (/docs.json: BentoML's routes with
 the NIM routes merged in), then hypothesis-made request bodies (random JSON shapes, random field values, random data
 URLs). Whatever arrives: no 5xx, every error in the NIM shape, and the server still serves afterwards.
-Bounded (FUZZ_EXAMPLES) to about a minute; raise it for a longer hunt: NIM_FUZZ_EXAMPLES=2000 pytest ..."""
+Bounded (FUZZ_EXAMPLES) to about a minute; raise it for a longer hunt: NIM_FUZZ_EXAMPLES=5000 pytest ..."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests.service_fixtures import MODEL_ID, png_header_only
 
-FUZZ_EXAMPLES = int(os.environ.get("NIM_FUZZ_EXAMPLES", "600"))
+FUZZ_EXAMPLES = int(os.environ.get("NIM_FUZZ_EXAMPLES", "1500"))
 SCHEMA_EXAMPLES = max(5, FUZZ_EXAMPLES // 10)
 RUN = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 COUNT: dict[str, int] = {}  # cases sent, by source, reported at the end of the module
