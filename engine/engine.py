@@ -110,6 +110,7 @@ class Engine:
             max_batch_tokens=max(self.config.max_batch_tokens, self.config.max_length),
             max_rows=self.config.max_rows, max_tiles=1 << (max_tiles - 1).bit_length(),
             min_image_length=shortest_image, row_factor=self.config.row_factor,
+            tokens_per_tile=cfg.tokens_per_tile, max_tiles_per_image=embedder.num_tiles_max,
         )
         self.feature_capacity = self.plan.max_tiles
         self.stats = EngineStats()
@@ -225,7 +226,7 @@ class Engine:
             n = len(order)
             if not n:
                 continue
-            lengths = [plan.length_for(prepared[i].num_tokens) for i in order]
+            lengths = [plan.length_for(prepared[i].num_tokens, image) for i in order]
             tiles = [prepared[i].num_tiles for i in order]
             best = [0.0] + [float("inf")] * n  # best[j]: cost of packing order[:j]
             cut = [0] * (n + 1)
@@ -250,7 +251,7 @@ class Engine:
     def _dispatch(self, image: bool, members: list[PreparedInput]):
         """Collate one pass into its bucket and launch it; returns the (not yet ready) device result."""
         plan = self.plan
-        length = plan.length_for(max(p.num_tokens for p in members))
+        length = plan.length_for(max(p.num_tokens for p in members), image)
         rows = plan.rows_for(len(members), length, image)
         tiles = plan.tiles_for(sum(p.num_tiles for p in members)) if image else 0
         batch = self.embedder.collate(members, length=length, rows=rows, tiles=tiles)

@@ -105,6 +105,19 @@ def test_a_bad_input_fails_only_its_own_slot(engine):
     assert "exceeds maximum allowed token size 160" in str(results[5])
 
 
+def test_image_passes_get_the_exact_length_of_an_image_alone():
+    """The real model's one-tile image is 265 tokens: a 272 bucket, not 384 (45% padding); 7 tiles: 1801 -> 1808."""
+    plan = BucketPlan(max_length=10240, max_batch_tokens=16384, max_rows=64, max_tiles=8, min_image_length=265,
+                      tokens_per_tile=256, max_tiles_per_image=7)
+    assert {272, 528, 784, 1040, 1296, 1552, 1808} <= set(plan.image_lengths)
+    assert set(plan.lengths) - {n for n in plan.lengths if n < 265} <= set(plan.image_lengths)  # and the general ones
+    assert plan.length_for(265, image=True) == 272 and plan.length_for(265) == 384
+    assert plan.length_for(1801, image=True) == 1808 and plan.length_for(1809, image=True) == 2048
+    assert plan.length_for(300, image=True) == 384  # an image with a caption: the general buckets
+    assert {length for _, length in plan.image_shapes()} == set(plan.image_lengths)
+    assert not (set(plan.image_lengths) - set(plan.lengths)) & {length for _, length in plan.text_shapes()}
+
+
 def test_passes_are_sorted_by_length_and_fit_their_buckets(engine, tiny_embedder):
     items = mixed_items(30, seed=9)
     prepared = {i: engine.prepare(item) for i, item in enumerate(items)}
@@ -115,7 +128,7 @@ def test_passes_are_sorted_by_length_and_fit_their_buckets(engine, tiny_embedder
         lengths = [prepared[i].num_tokens for i in members]
         assert lengths == sorted(lengths)
         assert all((prepared[i].num_tiles > 0) == image for i in members)
-        length = engine.plan.length_for(max(lengths))
+        length = engine.plan.length_for(max(lengths), image)
         assert len(members) <= engine.plan.row_cap(length, image)
         assert sum(prepared[i].num_tiles for i in members) <= engine.plan.max_tiles
 
