@@ -369,8 +369,8 @@ class NemotronEmbed:
     async def embed(self, items: list[BatchItem]) -> list[BatchResult]:
         """Through BentoML's adaptive batcher, shared with every concurrent request. The inputs wait in this
         worker's handoff (images start decoding now, while the batch in flight runs); only their keys cross."""
-        handoff = self.model.value.handoff
-        keys = [self.model.value.hand_over(item.token_ids, item.image) for item in items]
+        runner = self.model.value
+        keys = [runner.hand_over(item.token_ids, item.image) for item in items]
         # The self-call passes the access log and API-key middlewares as an internal call (serving/access.py). The
         # client's default headers are read when its first session opens, at the first call: set before it.
         self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # type: ignore[attr-defined]
@@ -382,7 +382,7 @@ class NemotronEmbed:
             raise from_batcher(int(e.error_code)) from None
         finally:
             depth.dec(len(items))
-            handoff.discard(keys)  # over, however it ended: what its batch has not taken is dropped
+            runner.handoff.discard(keys)  # over, however it ended: what its batch has not taken is dropped
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
@@ -417,7 +417,9 @@ def _take(item: BatchItem, runner: Runner) -> Handed | ItemError:
         item = complete_item(item, runner.embedder, SETTINGS)
     except ValueError as e:
         return ItemError(status=400, message=str(e))
-    return runner.direct(item.token_ids or [], item.image)
+    handed = runner.handed(item.token_ids or [], item.image)
+    handed.submitted_at = None  # sent to the batch directly: when it was queued is not known
+    return handed
 
 
 def _result(handed: Handed, output: np.ndarray | ItemError) -> BatchResult:

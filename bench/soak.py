@@ -41,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import machine, picture  # noqa: E402
+from serving.encoding import decode  # noqa: E402
 
 MODEL_ID = "nvidia/llama-nemotron-embed-vl-1b-v2"
 # The tiny checkpoint's limits, as the service tests use them (crossing a limit is exercised there, not here).
@@ -85,13 +86,6 @@ def templates(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def values(embedding, embedding_type: str) -> np.ndarray:
-    if not isinstance(embedding, str):
-        return np.asarray(embedding, np.float64)
-    dtype = {"float": "<f4", "int8": "i1", "binary": "i1"}.get(embedding_type, "u1")
-    return np.frombuffer(base64.b64decode(embedding), dtype).astype(np.float64)
-
-
 def same(request: dict, reference: dict, answer: dict) -> bool:
     """Same order, usage and vectors (quantised values within one step, binary vectors within one bit)."""
     n = len(request["input"]) if isinstance(request["input"], list) else 1
@@ -99,7 +93,7 @@ def same(request: dict, reference: dict, answer: dict) -> bool:
         return False
     kind = request.get("embedding_type", "float")
     for a, b in zip(reference["data"], answer["data"]):
-        x, y = values(a["embedding"], kind), values(b["embedding"], kind)
+        x, y = decode(a["embedding"], kind).astype(np.float64), decode(b["embedding"], kind).astype(np.float64)
         if x.shape != y.shape:
             return False
         if kind == "float" and not np.allclose(x, y, atol=1e-5, rtol=0):

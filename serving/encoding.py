@@ -69,6 +69,17 @@ def encode(vector: np.ndarray, encoding_format: str) -> list[float] | list[int] 
     return vector.tolist()
 
 
+# The element type of each embedding_type, as `convert` makes it (and as base64 carries it, little-endian).
+DTYPES = {"float": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
+
+
+def decode(embedding: list | str, embedding_type: str) -> np.ndarray:
+    """A client's side of `encode`: one answer's `embedding` (a JSON list, or base64) -> its values."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), DTYPES[embedding_type])
+    return np.asarray(embedding, DTYPES[embedding_type])
+
+
 def encode_vector(vector: np.ndarray) -> str:
     """float32 [D] -> base64 of its little-endian bytes: what crosses the batcher (4x smaller than JSON, exact)."""
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")

@@ -40,11 +40,15 @@ class Runner:
 
     def hand_over(self, token_ids: list[int], image_b64: str | None) -> str:
         """Leave a validated input for its batch (its image starts decoding now if the budget allows); its key."""
+        return self.handoff.put(self.handed(token_ids, image_b64))
+
+    def handed(self, token_ids: list[int], image_b64: str | None) -> Handed:
+        """An input as a batch takes it, its image not yet being prepared (`hand_over` may start that)."""
         if image_b64 is None:
-            return self.handoff.put(Handed(token_ids))
+            return Handed(token_ids)
         cfg = self.embedder.config
         tiles = token_ids.count(cfg.img_context_token_id) // cfg.tokens_per_tile
-        return self.handoff.put(Handed(token_ids, functools.partial(self._submit, token_ids, image_b64), tiles))
+        return Handed(token_ids, functools.partial(self._submit, token_ids, image_b64), tiles)
 
     def _submit(self, token_ids: Sequence[int], image_b64: str) -> Future:
         return self.engine.submit(functools.partial(_engine_item, token_ids, image_b64))
@@ -65,11 +69,6 @@ class Runner:
         for (i, _), result in zip(todo, self.engine.embed([item for _, item in todo])):
             outputs[i] = result if isinstance(result, np.ndarray) else item_error(result)
         return outputs  # type: ignore[return-value]
-
-    def direct(self, token_ids: list[int], image_b64: str | None) -> Handed:
-        """An input a BentoML client sent in its item: prepared inside the batch."""
-        prepare = None if image_b64 is None else functools.partial(self._submit, token_ids, image_b64)
-        return Handed(token_ids, prepare, submitted_at=None)
 
     def close(self) -> None:
         self.engine.close()

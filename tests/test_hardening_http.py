@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.encoding import decode
 from tests.service_fixtures import MODEL_ID, SERVER_ENV, png_header_only
 from tests.test_service_http import SMALL, WIDE, assert_error, data_url, image_bytes, noise_image
 
@@ -258,13 +259,6 @@ def _vectors(body: dict) -> list:
     return [d["embedding"] for d in body["data"]]
 
 
-def _values(embedding, embedding_type: str) -> np.ndarray:
-    if not isinstance(embedding, str):
-        return np.asarray(embedding, np.float64)
-    dtype = {"float": "<f4", "int8": "i1", "binary": "i1"}.get(embedding_type, "u1")
-    return np.frombuffer(base64.b64decode(embedding), dtype).astype(np.float64)
-
-
 def _same(request: dict, a: dict, b: dict) -> None:
     """Same order, usage and vectors (float within 1e-5; a quantised value may sit on a rounding edge: off by one,
     a binary vector by one bit)."""
@@ -273,7 +267,7 @@ def _same(request: dict, a: dict, b: dict) -> None:
     assert a["usage"] == b["usage"] and a["model"] == b["model"] and len(a["data"]) == len(b["data"])
     kind = request.get("embedding_type", "float")
     for x, y in zip(_vectors(a), _vectors(b)):
-        x, y = _values(x, kind), _values(y, kind)
+        x, y = decode(x, kind).astype(np.float64), decode(y, kind).astype(np.float64)
         if kind == "float":
             np.testing.assert_allclose(x, y, atol=1e-5)
         elif kind in ("int8", "uint8"):

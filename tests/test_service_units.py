@@ -266,6 +266,10 @@ def test_base64_round_trips(unit_vectors, embedding_type):
         decoded = np.frombuffer(base64.b64decode(encoding.encode(row, "base64")), dtype=dtype)
         np.testing.assert_array_equal(decoded, row)
         assert encoding.encode(row, "float") == row.tolist()
+        for fmt in ("base64", "float"):  # the clients' side (bench/soak.py, the load tests) inverts both
+            back = encoding.decode(encoding.encode(row, fmt), embedding_type)
+            assert back.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(back, row)
 
 
 def test_dimensions_scale_with_the_embedding_size(unit_vectors):
