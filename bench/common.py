@@ -36,13 +36,19 @@ def machine() -> str:
 
 
 def checkpoint(size: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
-    """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory."""
+    """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory, or kept under
+    $BENCH_CHECKPOINTS and reused there (several benchmarks in one session build a full-size one once)."""
     from conversion.convert import convert
     from conversion.random_checkpoint import write_random_checkpoint
 
-    root = Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
+    keep = os.environ.get("BENCH_CHECKPOINTS")
+    root = Path(keep) / f"{size}-{dtype}-{seed}" if keep else Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
+    done = root / "complete"
+    if done.exists():
+        return root / "hf", root / "converted"
     src = write_random_checkpoint(root / "hf", size=size, seed=seed, dtype=dtype)
     convert(src, root / "converted", progress=False)
+    done.touch()
     return src, root / "converted"
 
 

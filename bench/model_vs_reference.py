@@ -6,7 +6,9 @@ Workloads (issue #4): 64 queries of ~16 tokens, 16 passages of ~512 tokens, 8 im
 images). Both sides run end to end from the same inputs (preprocessing included): Flax through the serving
 engine (buckets compiled ahead, as served), PyTorch through the reference's batched `embed`, after one warm-up
 call each. float32 on CPU; on a GPU bfloat16 for both (PyTorch with SDPA).
-Prints a table, then the ratios.
+Prints a table (with the least cosine between the two sides' vectors); where the time goes on each side (host:
+tokenising, tiling, padding into tensors; device: the forward passes alone, on inputs prepared ahead); then the
+ratios.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import argparse
 import statistics
 import time
 
+import numpy as np
+
 from common import checkpoint, machine, picture, text_of_tokens
+from flops import pass_flops
 
 
 def timed(fn, repeats: int) -> float:
@@ -26,6 +31,51 @@ def timed(fn, repeats: int) -> float:
         fn()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
+
+
+def flax_parts(engine, items, repeats: int) -> tuple[float, float, float]:
+    """(host s, device s, FLOPs) of the engine on `items`: preparing, packing and collating; then the passes alone,
+    and the matrix work they compute."""
+    def host():
+        prepared = dict(enumerate(engine.prepare_all(items)))
+        return [engine.collate_pass(image, [prepared[i] for i in idx]) for image, idx in engine.pack(prepared)]
+
+    passes = host()
+    device = lambda: [np.asarray(engine.launch(key, batch)) for key, batch in passes]  # noqa: E731
+    flops = sum(pass_flops(engine.embedder.config, key) for key, _ in passes)
+    return timed(host, repeats), timed(device, repeats), flops
+
+
+def torch_parts(reference, items, repeats: int) -> tuple[float, float]:
+    """(host s, device s) of the reference's `embed`: its tokenising, tiling and tensors; then its forward alone."""
+    import torch
+
+    def host():
+        ids, pixels = [], []
+        for item in items:
+            tiles = reference.preprocess_image(item["image"]) if item.get("image") is not None else None
+            n_tiles = 0 if tiles is None else len(tiles)
+            ids.append(reference.tokenizer(reference.prompt(item.get("text"), n_tiles, item["input_type"]))["input_ids"])
+            pixels.append(tiles)
+        t = max(len(x) for x in ids)
+        return (torch.tensor([x + [0] * (t - len(x)) for x in ids]),
+                torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids]), pixels)
+
+    input_ids, mask, pixels = host()
+    input_ids, mask = input_ids.to(reference.device), mask.to(reference.device)
+
+    def device():  # the same computation as `embed` after its host work
+        emb = reference.token_embeddings(input_ids).clone()
+        for b, tiles in enumerate(pixels):
+            if tiles is not None:
+                f = reference.projector(reference.pixel_shuffle(reference.vision(tiles)))
+                emb[b, input_ids[b] == reference.img_context_token_id] = f.reshape(-1, f.shape[-1]).to(emb.dtype)
+        hidden = reference.decoder(emb, mask).to(torch.float32)
+        m = mask.to(torch.float32)[..., None]
+        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).cpu().numpy()
+
+    with torch.inference_mode():
+        return timed(host, repeats), timed(device, repeats)
 
 
 def main() -> None:
@@ -59,7 +109,7 @@ def main() -> None:
     if on_gpu:
         reference = reference.to("cuda")
 
-    rows = []
+    rows, parts = [], []
     for name, items in workloads.items():
         units = len(items)
         tokens = sum(embedder.prepare(item).num_tokens for item in items)
@@ -67,17 +117,29 @@ def main() -> None:
         flax_s = timed(lambda: engine.embed(engine_items), args.repeats)
         with torch.inference_mode():
             torch_s = timed(lambda: reference.embed(items), args.repeats)
-        rows.append((name, units, tokens, flax_s, torch_s))
+        with torch.inference_mode():
+            cosine = float((np.stack(engine.embed(engine_items)) * reference.embed(items)).sum(-1).min())
+        rows.append((name, units, tokens, flax_s, torch_s, cosine))
+        parts.append((name, *flax_parts(engine, engine_items, args.repeats), *torch_parts(reference, items, args.repeats)))
 
     print(f"machine: {machine()}; checkpoint: random {args.size}; dtype: {dtype}; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print()
-    print("| workload | inputs | tokens | Flax s | PyTorch s | Flax inputs/s | PyTorch inputs/s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, units, tokens, f, t in rows:
-        print(f"| {name} | {units} | {tokens} | {f:.3f} | {t:.3f} | {units / f:.1f} | {units / t:.1f} |")
+    print("| workload | inputs | tokens | Flax s | PyTorch s | Flax inputs/s | PyTorch inputs/s | least cosine |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, units, tokens, f, t, cosine in rows:
+        print(f"| {name} | {units} | {tokens} | {f:.3f} | {t:.3f} | {units / f:.1f} | {units / t:.1f} | {cosine:.5f} |")
     print()
-    for name, _, _, f, t in rows:
+    print("Where the time goes (each part timed alone, median ms; host = tokenise, tile, pad into tensors;"
+          " TFLOP/s of the passes' matrix products, padding included):")
+    print()
+    print("| workload | Flax host | Flax device | Flax device TFLOP/s | PyTorch host | PyTorch device | device ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, fh, fd, flops, th, td in parts:
+        print(f"| {name} | {fh * 1e3:.1f} | {fd * 1e3:.1f} | {flops / fd / 1e12:.2f} | {th * 1e3:.1f} | {td * 1e3:.1f} | "
+              f"{td / fd:.2f}x |")
+    print()
+    for name, _, _, f, t, _ in rows:
         print(f"ratio Flax/PyTorch throughput, {name}: {t / f:.2f}x")
 
 

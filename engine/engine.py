@@ -205,6 +205,16 @@ class Engine:
             prepared = self.prepare(item() if callable(item) else item)
         except Exception as e:  # one input's failure is reported in its own slot
             return e
+        return self._fits(prepared)
+
+    def _prepare_texts(self, items: list[EngineItem]) -> list[PreparedInput | Exception]:
+        """Text-only inputs tokenised in one tokenizer call (in parallel, outside the GIL) instead of one pool task
+        each; results as `_prepare_safely` gives them."""
+        ids = self.embedder.prompter.encode_batch([i.text for i in items], [i.input_type for i in items],
+                                                  [i.truncate for i in items], [i.max_tokens for i in items])
+        return [x if isinstance(x, Exception) else self._fits(PreparedInput(x)) for x in ids]
+
+    def _fits(self, prepared: PreparedInput) -> PreparedInput | Exception:
         if prepared.num_tokens > self.plan.lengths[-1]:
             return InputTooLongError(prepared.num_tokens, self.plan.lengths[-1])
         return prepared
@@ -220,6 +230,7 @@ class Engine:
         """
         passes: list[tuple[bool, list[int]]] = []
         plan = self.plan
+        overhead = self.config.pass_overhead_tokens
         for image in (False, True):
             order = sorted((i for i, p in prepared.items() if (p.num_tiles > 0) == image),
                            key=lambda i: prepared[i].num_tokens)
@@ -227,19 +238,22 @@ class Engine:
             if not n:
                 continue
             lengths = [plan.length_for(prepared[i].num_tokens, image) for i in order]
-            tiles = [prepared[i].num_tiles for i in order]
-            best = [0.0] + [float("inf")] * n  # best[j]: cost of packing order[:j]
+            # cost[length][k]: computed tokens of a pass of k inputs at that length, plus the pass's own cost
+            cost = {n_: np.asarray(plan.row_table(n_, image), np.float64) * n_ + overhead for n_ in set(lengths)}
+            tiles_before = np.concatenate([[0], np.cumsum([prepared[i].num_tiles for i in order])])
+            best = np.full(n + 1, np.inf)  # best[j]: cost of packing order[:j]
+            best[0] = 0.0
             cut = [0] * (n + 1)
             for j in range(1, n + 1):
-                length, used = lengths[j - 1], 0  # sorted: the pass's last input is its longest
-                cap = plan.row_cap(length, image)
-                for i in range(j - 1, max(j - cap, 0) - 1, -1):  # pass = order[i:j]
-                    used += tiles[i]
-                    if used > plan.max_tiles:
-                        break
-                    cost = best[i] + plan.rows_for(j - i, length, image) * length + self.config.pass_overhead_tokens
-                    if cost < best[j]:
-                        best[j], cut[j] = cost, i
+                pass_cost = cost[lengths[j - 1]]  # sorted: the pass's last input is its longest
+                first = max(j - (len(pass_cost) - 1), 0)
+                if image:  # within the tile budget: tiles of order[i:j] <= max_tiles
+                    first = max(first, int(np.searchsorted(tiles_before, tiles_before[j] - plan.max_tiles)))
+                    first = min(first, j - 1)  # an image alone always makes a pass
+                # candidates i = j-1, j-2, …, first (pass = order[i:j], k = j - i inputs); ties go to the shortest
+                candidates = best[first:j][::-1] + pass_cost[1:j - first + 1]
+                k = int(np.argmin(candidates))
+                best[j], cut[j] = candidates[k], j - 1 - k
             j, found = n, []
             while j:
                 found.append((image, order[cut[j]:j]))
@@ -248,32 +262,55 @@ class Engine:
         return passes
 
     # ---- device side ----------------------------------------------------------------------------------------
-    def _dispatch(self, image: bool, members: list[PreparedInput]):
-        """Collate one pass into its bucket and launch it; returns the (not yet ready) device result."""
+    def collate_pass(self, image: bool, members: list[PreparedInput]) -> tuple[tuple, Any]:
+        """Host half of one pass: its bucket key and its inputs padded into that bucket."""
         plan = self.plan
         length = plan.length_for(max(p.num_tokens for p in members), image)
         rows = plan.rows_for(len(members), length, image)
         tiles = plan.tiles_for(sum(p.num_tiles for p in members)) if image else 0
-        batch = self.embedder.collate(members, length=length, rows=rows, tiles=tiles)
+        key = ("multimodal", rows, length, tiles) if image else ("text", rows, length)
+        return key, self.embedder.collate(members, length=length, rows=rows, tiles=tiles)
+
+    def launch(self, key: tuple, batch) -> jax.Array:
+        """Device half of one pass: runs its precompiled executables; returns the (not yet ready) result."""
         state = self.embedder.state
-        if image:
-            features = self._executable(("vision", tiles))(state, batch.pixels)
-            out = self._executable(("multimodal", rows, length))(state, batch.input_ids, batch.lengths,
-                                                                   batch.image_index, features)
-        else:
-            out = self._executable(("text", rows, length))(state, batch.input_ids, batch.lengths)
+        if key[0] == "multimodal":
+            features = self._executable(("vision", key[3]))(state, batch.pixels)
+            return self._executable(key[:3])(state, batch.input_ids, batch.lengths, batch.image_index, features)
+        return self._executable(key)(state, batch.input_ids, batch.lengths)
+
+    def _dispatch(self, image: bool, members: list[PreparedInput]):
+        """Collate one pass into its bucket and launch it; returns the (not yet ready) device result."""
+        key, batch = self.collate_pass(image, members)
+        out = self.launch(key, batch)
+        rows, length = key[1], key[2]
         real = sum(p.num_tokens for p in members)
         self.stats.passes += 1
         self.stats.real_tokens += real
         self.stats.computed_tokens += rows * length
-        return out, ("multimodal" if image else "text", rows, length, len(members), real, tiles)
+        return out, (key[0], rows, length, len(members), real, key[3] if image else 0)
+
+    def prepare_all(self, items: Sequence[EngineItem | Future]) -> list[PreparedInput | Exception]:
+        """Every item prepared (a future from `submit` is waited for): plain text inputs in one tokenizer call
+        here, the rest on the pool meanwhile; a failure sits in its item's slot."""
+        texts = [i for i, item in enumerate(items) if isinstance(item, EngineItem) and item.text
+                 and item.image is None and item.token_ids is None]
+        batched = set(texts)
+        futures = {i: item if isinstance(item, Future) else self.submit(item)
+                   for i, item in enumerate(items) if i not in batched}
+        results: list[Any] = [None] * len(items)
+        if texts:
+            for i, outcome in zip(texts, self._prepare_texts([items[i] for i in texts])):
+                results[i] = outcome
+        for i, future in futures.items():
+            results[i] = _outcome(future)  # waited here, never in the pool
+        return results
 
     def embed(self, items: Sequence[EngineItem | Future]) -> list[np.ndarray | Exception]:
         """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised.
 
         An item may be a future from `submit` (preparation already started, e.g. while the previous call ran)."""
-        futures = [item if isinstance(item, Future) else self.submit(item) for item in items]
-        results: list[np.ndarray | Exception] = [_outcome(f) for f in futures]  # waited here, never in the pool
+        results: list[Any] = self.prepare_all(items)
         prepared = {i: r for i, r in enumerate(results) if isinstance(r, PreparedInput)}
         launched = []
         for image, indices in self.pack(prepared):

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -83,21 +84,49 @@ class Prompter:
 
         Truncation cuts text tokens only: BOS, the prefix and the image tokens are always kept.
         """
-        truncate = Truncate(truncate)
-        head = self.prefix(input_type) + (f"{IMG_START}{IMG_END} " if tiles else "")
+        head = self._head(tiles, input_type)
         text = text or ""
-        enc = self.tokenizer.encode(head + text)
+        return self._finish(self.tokenizer.encode(head + text), head, bool(text), tiles, Truncate(truncate),
+                            max_tokens)
+
+    def encode_batch(self, texts: Sequence[str], input_types: Sequence[str],
+                     truncates: Sequence[Truncate | str], max_tokens: Sequence[int | None]
+                     ) -> list[np.ndarray | Exception]:
+        """`encode` for many text inputs in one tokenizer call (Rust, in parallel, without the GIL): token ids, or
+        the exception that input raised, in its own slot."""
+        out: list[np.ndarray | Exception | None] = [None] * len(texts)
+        heads, jobs = [], []
+        for i, (text, input_type, truncate) in enumerate(zip(texts, input_types, truncates)):
+            try:
+                heads.append((i, self._head(0, input_type), text or "", Truncate(truncate)))
+            except ValueError as e:
+                out[i] = e
+        encodings = self.tokenizer.encode_batch([head + text for _, head, text, _ in heads]) if heads else []
+        for (i, head, text, truncate), enc in zip(heads, encodings):
+            try:
+                out[i] = self._finish(enc, head, bool(text), 0, truncate, max_tokens[i])
+            except ValueError as e:
+                out[i] = e
+        return out  # type: ignore[return-value]
+
+    def _head(self, tiles: int, input_type: str) -> str:
+        return self.prefix(input_type) + (f"{IMG_START}{IMG_END} " if tiles else "")
+
+    def _finish(self, enc, head: str, has_text: bool, tiles: int, truncate: Truncate,
+                max_tokens: int | None) -> np.ndarray:
         ids = np.asarray(enc.ids, dtype=np.int32)
-        # Tokens that lie wholly inside the prompt head (BOS has an empty span at 0) are protected;
-        # a token straddling the boundary (" hello" taking the head's space) counts as text.
-        fixed = sum(1 for _, end in enc.offsets if end <= len(head) - (1 if tiles else 0)) if text else len(ids)
         if tiles:
             at = int(np.flatnonzero(ids == self.special.img_start)[0]) + 1
             image = np.full(tiles * self.cfg.tokens_per_tile, self.special.img_context, dtype=np.int32)
             ids = np.concatenate([ids[:at], image, ids[at:]])
-            fixed += len(image)
         if max_tokens is None or len(ids) <= max_tokens:
             return ids
+        # Tokens that lie wholly inside the prompt head (BOS has an empty span at 0) are protected;
+        # a token straddling the boundary (" hello" taking the head's space) counts as text.
+        fixed = len(ids)
+        if has_text:
+            fixed = sum(1 for _, end in enc.offsets if end <= len(head) - (1 if tiles else 0))
+            fixed += tiles * self.cfg.tokens_per_tile
         if truncate is Truncate.NONE or fixed > max_tokens:
             raise InputTooLongError(len(ids), max_tokens)
         keep = max_tokens - fixed

@@ -143,3 +143,43 @@ def test_packing_does_not_pad_short_inputs_to_long_ones(engine, tiny_embedder):
                    * engine.plan.length_for(max(prepared[i].num_tokens for i in m)) for _, m in passes)
     real = sum(p.num_tokens for p in prepared.values())
     assert real / computed > 0.6
+
+
+def reference_pack(plan, overhead, prepared):
+    """The packing rule written plainly: the least (padded rows × length + a cost per pass) over contiguous passes
+    of the length-sorted inputs, within the row and tile budgets; ties go to the shorter last pass."""
+    passes = []
+    for image in (False, True):
+        order = sorted((i for i, p in prepared.items() if (p.num_tiles > 0) == image),
+                       key=lambda i: prepared[i].num_tokens)
+        best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+        for j in range(1, len(order) + 1):
+            length, used = plan.length_for(prepared[order[j - 1]].num_tokens, image), 0
+            for i in range(j - 1, max(j - plan.row_cap(length, image), 0) - 1, -1):
+                used += prepared[order[i]].num_tiles
+                if used > plan.max_tiles:
+                    break
+                cost = best[i] + plan.rows_for(j - i, length, image) * length + overhead
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        j, found = len(order), []
+        while j:
+            found.append((image, order[cut[j]:j]))
+            j = cut[j]
+        passes += reversed(found)
+    return passes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packing_equals_the_plain_rule(engine, seed):
+    from model.batching import PreparedInput
+
+    rng = np.random.default_rng(seed)
+    per_tile = engine.embedder.config.tokens_per_tile
+    prepared = {}
+    for i in range(int(rng.integers(1, 120))):
+        tiles = int(rng.integers(0, 5)) if rng.random() < 0.4 else 0
+        n = int(rng.integers(1, 160 - tiles * per_tile)) + tiles * per_tile if tiles * per_tile < 150 else 150
+        prepared[i] = PreparedInput(np.zeros(min(n, 160), np.int32),
+                                    np.zeros((tiles, 1, 1, 3), np.uint8) if tiles else None)
+    assert engine.pack(prepared) == reference_pack(engine.plan, engine.config.pass_overhead_tokens, prepared)

@@ -87,6 +87,23 @@ def test_truncation_keeps_bos_prefix_and_image(tiny_embedder):
     assert len(p.encode("short", 0, "query", "END", 50)) < 50  # nothing to cut
 
 
+def test_encode_batch_gives_each_input_what_encode_gives_it(tiny_embedder):
+    p = tiny_embedder.prompter
+    long = " ".join(f"word{i}" for i in range(200))
+    cases = [("a query", "query", "NONE", None), (long, "passage", "END", 50), (long, "query", "START", 50),
+             (long, "passage", "NONE", 50), ("x", "document", "NONE", None), ("short", "query", "END", 50),
+             (" leading space", "passage", "NONE", None), ("x", "query", "SIDEWAYS", None)]
+    got = p.encode_batch(*map(list, zip(*cases)))
+    for (text, input_type, truncate, limit), ids in zip(cases, got):
+        try:
+            expected = p.encode(text, 0, input_type, truncate, limit)
+        except ValueError as e:
+            assert type(ids) is type(e) and str(ids) == str(e)
+        else:
+            np.testing.assert_array_equal(ids, expected)
+    assert sum(isinstance(x, Exception) for x in got) == 3  # too long, bad input_type, bad truncate
+
+
 def test_user_text_cannot_steal_image_slots(tiny_embedder):
     """Special tokens spelled in user text stay text: they never receive another input's image features."""
     e = tiny_embedder
