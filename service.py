@@ -15,8 +15,9 @@
     POST /embed_batch         BentoML's batchable API that every embedding goes through (also for BentoML clients)
 
 Every error is `{"object": "error", "message": ..., "type": ...}`. Configuration: environment variables, see
-serving/settings.py. Batching: /v1/embeddings validates and tokenises each input, then calls `embed_batch` through
-BentoML's adaptive batcher (an in-process self-call), so concurrent requests share forward passes.
+serving/settings.py. Batching: /v1/embeddings validates and tokenises each input, then hands it to `embed_batch`
+through BentoML's adaptive batcher (called in process, see expose_batcher), so concurrent requests share forward
+passes.
 Overload, hostile input, faults and access control: the README, "Hardening".
 """
 
@@ -44,7 +45,7 @@ from conversion.resolve import cache_root
 from engine import EngineConfig, configure_compilation_cache
 from model import Embedder
 from serving import info, openapi
-from serving.access import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeyAuth, RequestLog, annotate, cors_options
+from serving.access import ApiKeyAuth, RequestLog, annotate, cors_options
 from serving.admission import Admission
 from serving.encoding import check_dimensions, embeddings_body, encode_vector, gather_vectors
 from serving.errors import GatewayTimeoutError, ServiceUnavailableError, TooManyRequestsError, from_batcher
@@ -249,9 +250,10 @@ release_timeout_timers()
 def cache_io_schemas() -> None:
     """Generate each BentoML IO model's JSON schema once, not on every call.
 
-    BentoML 1.4 rebuilds the JSON schema of a method's input or output model on every self-call, only to read its
-    `type` (`IOMixin.mime_type` when answering, `IORootModel.model_json_schema` when the client parses the answer):
-    2-3 ms with the GIL held, per request (~6% of the worker's time under load here, py-spy). A model's schema is
+    BentoML 1.4 rebuilds the JSON schema of a method's input or output model on every call of its route, only to read
+    its `type` (`IOMixin.mime_type` when answering, `IORootModel.model_json_schema` when a BentoML client parses the
+    answer): 2-3 ms with the GIL held, per request (~6% of the worker's time under load when /v1/embeddings still
+    reached the batcher through such a call, py-spy). A model's schema is
     fixed once the service is defined, so the no-argument call is cached (a copy is returned: callers may edit it).
     bentoml is pinned to 1.4.40; tests/test_service_units.py checks the hook.
     """
@@ -280,13 +282,36 @@ def _cached_schema(generate: Callable[..., dict]) -> Callable[..., dict]:
 cache_io_schemas()
 
 
+def expose_batcher() -> None:
+    """Give each service instance BentoML's own batcher for its batchable methods, in process.
+
+    BentoML 1.4 lets a service reach its own batchable method only through `self.to_async`: an HTTP request over an
+    in-memory ASGI transport, through every middleware, with the inputs and the answers as JSON both ways. Under load
+    that loopback took more of a request's time than the model (bench/server.py). The batcher behind the route (one
+    adaptive CorkDispatcher per worker and method, the same one that serves BentoML clients calling /embed_batch) is
+    `ServiceAppFactory.batch_infer`: this hands it to the instance as `batch_infer(name, args, kwargs)` once the
+    instance exists. bentoml is pinned to 1.4.40; tests/test_service_units.py checks the hook.
+    """
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    create = getattr(ServiceAppFactory.create_instance, "__wrapped__", ServiceAppFactory.create_instance)
+
+    @functools.wraps(create)
+    async def create_instance(self, app) -> None:
+        await create(self, app)
+        self._service_instance.batch_infer = self.batch_infer
+
+    ServiceAppFactory.create_instance = create_instance
+
+
+expose_batcher()
+
+
 @bentoml.asgi_app(API, path="/")
 @bentoml.service(
     name="nemotron-embed-vl",
     # Our own 504 (NIM_REQUEST_TIMEOUT_S) fires first; BentoML's traffic timeout is only a backstop.
     traffic={"timeout": SETTINGS.request_timeout_s + 30},
-    # Every embedding is a self-call: never recycle its client session under load (that drops in-flight calls).
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
     endpoints={"livez": "/v1/health/live", "readyz": "/v1/health/ready"},
 )
 class NemotronEmbed:
@@ -367,19 +392,20 @@ class NemotronEmbed:
         return runner.embedder if runner is not None else None
 
     async def embed(self, items: list[BatchItem]) -> list[BatchResult]:
-        """Through BentoML's adaptive batcher, shared with every concurrent request. The inputs wait in this
-        worker's handoff (images start decoding now, while the batch in flight runs); only their keys cross."""
+        """Through BentoML's adaptive batcher for `embed_batch`, shared with every concurrent request (and BentoML
+        clients). The inputs wait in this worker's handoff (images start decoding now, while the batch in flight
+        runs); only their keys go through the batcher."""
         runner = self.model.value
         keys = [runner.hand_over(item.token_ids, item.image) for item in items]
-        # The self-call passes the access log and API-key middlewares as an internal call (serving/access.py). The
-        # client's default headers are read when its first session opens, at the first call: set before it.
-        self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # type: ignore[attr-defined]
         depth = get_metrics().queue_depth
         depth.inc(len(items))
         try:
-            return await self.to_async.embed_batch([BatchItem(handoff=key) for key in keys])  # type: ignore
+            return await self.batch_infer("embed_batch", ([BatchItem(handoff=key) for key in keys],), {})
         except BentoMLException as e:
             raise from_batcher(int(e.error_code)) from None
+        except Exception:
+            logging.getLogger("serving").exception("embed_batch failed")
+            raise from_batcher(500) from None
         finally:
             depth.dec(len(items))
             runner.handoff.discard(keys)  # over, however it ended: what its batch has not taken is dropped

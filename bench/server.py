@@ -137,7 +137,8 @@ def start_server(model_dir: Path, cache: Path) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("server not ready")
 
 
-def engine_throughput(model_dir: Path, bodies: list[dict], cache: str, batch: int) -> float:
+def engine_throughput(model_dir: Path, bodies: list[dict], cache: str, batch: int) -> tuple[float, float]:
+    """(inputs/s, CPU cores used meanwhile) of the engine in this process on the same inputs."""
     from engine import Engine, EngineConfig, EngineItem, configure_compilation_cache
     from model import Embedder
     from serving.inputs import PILLOW_FORMATS
@@ -156,11 +157,12 @@ def engine_throughput(model_dir: Path, bodies: list[dict], cache: str, batch: in
         image = base64.b64decode(m.group(1)) if m else None
         rest = text[: m.start()].strip() if m else text
         items.append(EngineItem(text=rest or None, image=image, input_type=b["input_type"]))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(items), batch):
         results = engine.embed(items[i: i + batch])
         assert all(isinstance(r, np.ndarray) for r in results), results
-    return len(items) / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return len(items) / wall, (time.process_time() - cpu) / wall
 
 
 def main() -> None:
@@ -215,7 +217,7 @@ def main() -> None:
         if proc is not None:
             os.killpg(proc.pid, 15)
             proc.wait(60)
-    engine_rps = engine_throughput(converted, bodies, str(cache), batch=128)
+    engine_rps, engine_cores = engine_throughput(converted, bodies, str(cache), batch=128)
 
     print(f"machine: {machine()}; checkpoint: random {args.size}; {args.requests} requests of one input each "
           f"(queries ~16 tok, passages ~512 tok, 850×1100 images, 640×480 image+text)")
@@ -226,17 +228,26 @@ def main() -> None:
     for r in rows:
         print(f"| {r['c']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['errors']} | "
               f"{r['efficiency']:.2f} | {r['batch']:.1f} | {r['per_pass']:.1f} | {r['compiles']:.0f} |")
-    print(f"| in-process engine (batches of 128) | {engine_rps:.1f} | | | | | | | |")
+    print(f"| in-process engine (batches of 128, {engine_cores:.2f} CPU cores) | {engine_rps:.1f} | | | | | | | |")
     print()
     print("Where the time goes (server-side means from its metrics; CPU from /proc; %d cores):" % (os.cpu_count() or 0))
     print()
+    # CPU per input: what serving costs beside the engine's own work. The engine-bound ceiling is what the server
+    # could reach with no serving overhead at all on the cores the load generator leaves it.
+    cores = os.cpu_count() or 1
+    engine_ms = engine_cores / engine_rps * 1000
     print("| concurrency | server CPU cores | load generator CPU cores | request ms | queue wait ms | batch ms | "
-          "batch thread busy |")
-    print("|---|---|---|---|---|---|---|")
-    for b in breakdown:
+          "batch thread busy | server CPU ms per input | engine-bound ceiling inputs/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b, r in zip(breakdown, rows):
+        b["ceiling"] = (cores - b["client_cores"]) / engine_ms * 1000
         print(f"| {b['c']} | {b['server_cores']:.2f} | {b['client_cores']:.2f} | {b['request_ms']:.0f} | "
-              f"{b['queue_ms']:.0f} | {b['batch_ms']:.0f} | {b['batch_busy']:.0%} |")
+              f"{b['queue_ms']:.0f} | {b['batch_ms']:.0f} | {b['batch_busy']:.0%} | "
+              f"{b['server_cores'] / r['rps'] * 1000:.1f} | {b['ceiling']:.1f} |")
+    print(f"| in-process engine | {engine_cores:.2f} | | | | | | {engine_ms:.1f} | |")
     print()
+    for b in breakdown:
+        print(f"ratio engine-bound ceiling/engine throughput at concurrency {b['c']}: {b['ceiling'] / engine_rps:.2f}x")
     for r in rows:
         print(f"ratio served/engine throughput at concurrency {r['c']}: {r['rps'] / engine_rps:.2f}x")
 

@@ -7,9 +7,8 @@ ASGI middlewares around every route (BentoML's own included), outermost first:
     CORS         Starlette's CORSMiddleware, when EMBED_CORS_ORIGINS is set (it answers preflights itself).
     ApiKeyAuth   `Authorization: Bearer <key>` on every path but the public ones, when keys are configured.
 
-`/v1/embeddings` reaches the model through an in-process self-call to BentoML's batch API, which passes through these
-middlewares too: it carries a random per-process token (`INTERNAL_HEADER`), so it is neither logged nor asked for a
-key. The token never leaves the process: the self-call is an in-memory ASGI call, not a network one.
+`/v1/embeddings` reaches BentoML's batcher in process (service.expose_batcher), not through another HTTP request:
+each request passes these middlewares once.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import hmac
 import json
 import logging
 import re
-import secrets
 import sys
 import time
 import uuid
@@ -28,8 +26,6 @@ from typing import Any, Callable, Iterable
 from serving.errors import AuthenticationError
 from serving.http import error_response
 
-INTERNAL_HEADER = "x-nim-internal"
-INTERNAL_TOKEN = secrets.token_hex(16)
 RECORD_KEY = "nim.access"  # the scope entry a handler fills with what the access log should say
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's id is logged: nothing that could forge a line
 
@@ -41,11 +37,6 @@ def _header(scope: dict, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-def is_internal(scope: dict) -> bool:
-    token = _header(scope, INTERNAL_HEADER.encode())
-    return token is not None and hmac.compare_digest(token, INTERNAL_TOKEN)
 
 
 def annotate(scope: dict, **fields: Any) -> None:
@@ -72,7 +63,7 @@ class RequestLog:
             _json_lines_to_stdout()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or is_internal(scope):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = _header(scope, b"x-request-id")
         request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -110,7 +101,7 @@ class ApiKeyAuth:
         self.public = frozenset(public)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.public or is_internal(scope) or self._valid(scope):
+        if scope["type"] != "http" or scope.get("path") in self.public or self._valid(scope):
             return await self.app(scope, receive, send)
         message = "missing API key: send 'Authorization: Bearer <key>'" \
             if _header(scope, b"authorization") is None else "invalid API key"

@@ -1,7 +1,7 @@
 """Inputs handed from `/v1/embeddings` to the batch function by reference, inside one worker process.
 
-BentoML's batcher is reached by a self-call that JSON-encodes what crosses it (an in-process ASGI call: both ends
-run in the same worker). A page image would cross it as megabytes of base64, to be encoded, parsed and decoded
+What crosses BentoML's batcher is a `BatchItem`, the public schema of `/embed_batch` (BentoML clients post it too).
+The inputs of /v1/embeddings do not travel in it: a page image would go as megabytes of base64 to be decoded
 again inside the batch, and decoding and tiling would wait for the batch (one batch runs at a time per worker).
 Instead the request leaves its inputs here and sends only a key with each item:
 

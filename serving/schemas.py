@@ -133,7 +133,7 @@ def describe_validation_error(error: ValidationError) -> str:
 
 # ---- across the batcher ---------------------------------------------------------------------------------------------
 class BatchItem(BaseModel):
-    """One input on its way to the model, across BentoML's batcher (whose in-process self-call JSON-encodes it).
+    """One input on its way to the model through BentoML's batcher; also the body of the public `/embed_batch`.
 
     `/v1/embeddings` sends only `handoff`: the validated, tokenised input waits in the worker (serving/handoff.py),
     its image already decoding. A direct BentoML client sends `token_ids`, or `text`/`image`/`input_type`, and the

@@ -215,7 +215,7 @@ def test_request_ids_are_echoed_and_logged_without_bodies(server, client):
     assert (mine["method"], mine["path"], mine["status"], mine["inputs"]) == ("POST", "/v1/embeddings", 200, 2)
     assert mine["tokens"] == given.json()["usage"]["total_tokens"] and mine["duration_ms"] > 0
     assert any(line["request_id"] == fresh.headers["x-request-id"] for line in lines)
-    assert not any(line["path"] == "/embed_batch" for line in lines)  # the internal self-call is not logged
+    assert not any(line["path"] == "/embed_batch" for line in lines)  # the batcher is called in process
     assert marker not in server.log_text(offset)
 
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from serving import openapi
-from serving.access import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeyAuth, RequestLog, annotate
+from serving.access import ApiKeyAuth, RequestLog, annotate
 from serving.admission import Admission
 from serving.errors import TooManyRequestsError
 from serving.handoff import Handed, Handoff
@@ -151,8 +151,7 @@ def test_api_key_auth(guarded_app):
     assert client.post("/v1/embeddings", headers={"Authorization": "Bearer k2"}).json() == {"ok": True}
     assert client.post("/v1/embeddings", headers={"Authorization": "bearer  k1 "}).status_code == 200
     assert client.get("/v1/health/live").status_code == 200  # public
-    assert client.post("/v1/embeddings", headers={INTERNAL_HEADER: INTERNAL_TOKEN}).status_code == 200  # self-call
-    assert client.post("/v1/embeddings", headers={INTERNAL_HEADER: "guess"}).status_code == 401
+    assert client.post("/v1/embeddings", headers={"x-nim-internal": "anything"}).status_code == 401  # no bypass
 
 
 def test_request_ids_and_json_access_log(guarded_app, caplog):
@@ -163,7 +162,6 @@ def test_request_ids_and_json_access_log(guarded_app, caplog):
         given = client.post("/v1/embeddings", headers={"Authorization": "Bearer k1", "x-request-id": "abc-123"})
         generated = client.post("/v1/embeddings", headers={"Authorization": "Bearer k1"})
         forged = client.get("/v1/health/live", headers={"x-request-id": 'evil"\n{"status": 200}'})
-        client.post("/v1/embeddings", headers={INTERNAL_HEADER: INTERNAL_TOKEN})  # internal: not logged
         client.post("/v1/embeddings", headers={"Authorization": "Bearer k9"})
     finally:
         logger.removeHandler(caplog.handler)

@@ -512,6 +512,24 @@ def test_metrics(client):
         assert series in text, series
 
 
+def test_embeddings_reach_bentomls_batcher_in_process(client):
+    """/v1/embeddings goes through BentoML's adaptive batcher for embed_batch (its batch-size histogram counts each
+    batch) without a second HTTP request to /embed_batch (BentoML counts every request its routes answer)."""
+    def counts():
+        text = client.get("/v1/metrics").text
+        batches = metric_value(text, "bentoml_service_adaptive_batch_size_count")
+        routed = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("bentoml_service_request_total{") and 'endpoint="/embed_batch"' in line)
+        return batches, routed
+
+    batches, routed = counts()
+    for i in range(3):
+        assert post(client, input=[f"in process {i}"]).status_code == 200
+    after_batches, after_routed = counts()
+    assert after_batches >= batches + 1  # each request waited for a batch of the dispatcher
+    assert after_routed == routed  # and no request to /embed_batch was made for it
+
+
 # ---- real clients ------------------------------------------------------------------------------------------------------
 def test_openai_sdk(server, client):
     from openai import OpenAI

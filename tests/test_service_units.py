@@ -379,7 +379,7 @@ def test_batch_fill_wait_is_bounded_by_nim_max_wait_ms():
 
 
 def test_bentoml_io_schemas_are_generated_once():
-    """service.py caches the JSON schema that BentoML 1.4 rebuilt on every self-call (to read its media type)."""
+    """service.py caches the JSON schema that BentoML 1.4 rebuilt on every call of a route (to read its media type)."""
     import service
     from _bentoml_sdk.io_models import IOMixin, IORootModel
 
@@ -392,6 +392,20 @@ def test_bentoml_io_schemas_are_generated_once():
         assert "edited" not in spec.model_json_schema() and spec.model_json_schema() == spec.model_json_schema()
         assert spec.model_json_schema(ref_template="#/x/{model}") != first  # calls with arguments are not cached
     assert method.output_spec.mime_type() == "application/json"
+
+
+def test_the_batcher_is_handed_to_the_service_in_process():
+    """service.py gives each instance BentoML's batch_infer (the dispatcher behind /embed_batch) so /v1/embeddings
+    needs no HTTP self-call; the pinned version's factory still has the two methods the hook relies on."""
+    import inspect
+
+    import service
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    assert ServiceAppFactory.create_instance.__wrapped__.__qualname__ == "ServiceAppFactory.create_instance"
+    assert list(inspect.signature(ServiceAppFactory.batch_infer).parameters) == [
+        "self", "name", "input_args", "input_kwargs"]
+    assert service.NemotronEmbed.apis["embed_batch"].batchable
 
 
 def test_uvicorn_parses_http_with_httptools():
