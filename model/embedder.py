@@ -155,8 +155,18 @@ class Embedder:
 
     def embed(self, items: Iterable[EmbedInput | Mapping[str, Any]], truncate: Truncate | str = Truncate.NONE,
               max_tokens: int | None = None) -> np.ndarray:
-        """L2-normalised float32 embeddings [n, D], in input order."""
-        prepared = [self.prepare(item, truncate, max_tokens) for item in items]
+        """L2-normalised float32 embeddings [n, D], in input order. Raises for the first input that cannot be embedded."""
+        items = [EmbedInput.of(item) for item in items]
+        texts = [i for i, item in enumerate(items) if item.image is None and item.text]
+        batched = dict(zip(texts, self.prompter.encode_batch(  # one tokenizer call for the text inputs
+            [items[i].text for i in texts], [items[i].input_type for i in texts], [truncate] * len(texts),
+            [max_tokens] * len(texts))))
+        prepared = []
+        for i, item in enumerate(items):
+            ids = batched.get(i)
+            if isinstance(ids, Exception):
+                raise ids
+            prepared.append(PreparedInput(ids) if ids is not None else self.prepare(item, truncate, max_tokens))
         if not prepared:
             return np.zeros((0, self.config.embedding_size), np.float32)
         return self.embed_prepared(prepared)

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -86,25 +86,29 @@ class Prompter:
         """
         head = self._head(tiles, input_type)
         text = text or ""
-        return self._finish(self.tokenizer.encode(head + text), head, bool(text), tiles, Truncate(truncate),
-                            max_tokens)
+        enc = self.tokenizer.encode(head + text)
+        return self._finish(enc.ids, lambda: enc.offsets, head, bool(text), tiles, Truncate(truncate), max_tokens)
 
     def encode_batch(self, texts: Sequence[str], input_types: Sequence[str],
                      truncates: Sequence[Truncate | str], max_tokens: Sequence[int | None]
                      ) -> list[np.ndarray | Exception]:
-        """`encode` for many text inputs in one tokenizer call (Rust, in parallel, without the GIL): token ids, or
-        the exception that input raised, in its own slot."""
+        """`encode` for many text inputs in one tokenizer call (Rust, in parallel, without the GIL, and without
+        character offsets, which only an input to be truncated needs: that one is encoded again with them): token
+        ids, or the exception that input raised, in its own slot."""
         out: list[np.ndarray | Exception | None] = [None] * len(texts)
-        heads, jobs = [], []
+        prompts = []
         for i, (text, input_type, truncate) in enumerate(zip(texts, input_types, truncates)):
             try:
-                heads.append((i, self._head(0, input_type), text or "", Truncate(truncate)))
+                prompts.append((i, self._head(0, input_type), text or "", Truncate(truncate)))
             except ValueError as e:
                 out[i] = e
-        encodings = self.tokenizer.encode_batch([head + text for _, head, text, _ in heads]) if heads else []
-        for (i, head, text, truncate), enc in zip(heads, encodings):
+        # encode_batch_fast (tokenizers >= 0.20) skips the offsets; the same ids either way.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode([head + text for _, head, text, _ in prompts]) if prompts else []
+        for (i, head, text, truncate), enc in zip(prompts, encodings):
             try:
-                out[i] = self._finish(enc, head, bool(text), 0, truncate, max_tokens[i])
+                out[i] = self._finish(enc.ids, lambda p=head + text: self.tokenizer.encode(p).offsets, head,
+                                      bool(text), 0, truncate, max_tokens[i])
             except ValueError as e:
                 out[i] = e
         return out  # type: ignore[return-value]
@@ -112,9 +116,11 @@ class Prompter:
     def _head(self, tiles: int, input_type: str) -> str:
         return self.prefix(input_type) + (f"{IMG_START}{IMG_END} " if tiles else "")
 
-    def _finish(self, enc, head: str, has_text: bool, tiles: int, truncate: Truncate,
-                max_tokens: int | None) -> np.ndarray:
-        ids = np.asarray(enc.ids, dtype=np.int32)
+    def _finish(self, token_ids: list[int], offsets: Callable[[], list[tuple[int, int]]], head: str, has_text: bool,
+                tiles: int, truncate: Truncate, max_tokens: int | None) -> np.ndarray:
+        """The tokenizer's ids -> the prompt's ids: image tokens inserted, truncated to `max_tokens` as asked.
+        `offsets` gives each token's character span, read only when truncating."""
+        ids = np.asarray(token_ids, dtype=np.int32)
         if tiles:
             at = int(np.flatnonzero(ids == self.special.img_start)[0]) + 1
             image = np.full(tiles * self.cfg.tokens_per_tile, self.special.img_context, dtype=np.int32)
@@ -125,7 +131,7 @@ class Prompter:
         # a token straddling the boundary (" hello" taking the head's space) counts as text.
         fixed = len(ids)
         if has_text:
-            fixed = sum(1 for _, end in enc.offsets if end <= len(head) - (1 if tiles else 0))
+            fixed = sum(1 for _, end in offsets() if end <= len(head) - (1 if tiles else 0))
             fixed += tiles * self.cfg.tokens_per_tile
         if truncate is Truncate.NONE or fixed > max_tokens:
             raise InputTooLongError(len(ids), max_tokens)
