@@ -155,7 +155,8 @@ class Embedder:
 
     def embed(self, items: Iterable[EmbedInput | Mapping[str, Any]], truncate: Truncate | str = Truncate.NONE,
               max_tokens: int | None = None) -> np.ndarray:
-        """L2-normalised float32 embeddings [n, D], in input order. Raises for the first input that cannot be embedded."""
+        """L2-normalised float32 embeddings [n, D], in input order; raises for the first input that cannot be
+        embedded. Text inputs are tokenised in one tokenizer call."""
         items = [EmbedInput.of(item) for item in items]
         texts = [i for i, item in enumerate(items) if item.image is None and item.text]
         batched = dict(zip(texts, self.prompter.encode_batch(  # one tokenizer call for the text inputs
