@@ -443,9 +443,7 @@ def _take(item: BatchItem, runner: Runner) -> Handed | ItemError:
         item = complete_item(item, runner.embedder, SETTINGS)
     except ValueError as e:
         return ItemError(status=400, message=str(e))
-    handed = runner.handed(item.token_ids or [], item.image)
-    handed.submitted_at = None  # sent to the batch directly: when it was queued is not known
-    return handed
+    return runner.handed(item.token_ids or [], item.image)  # sent to the batch directly: never in the handoff
 
 
 def _result(handed: Handed, output: np.ndarray | ItemError) -> BatchResult:

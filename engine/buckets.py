@@ -79,8 +79,7 @@ class BucketPlan:
     @functools.lru_cache(maxsize=None)
     def row_table(self, length: int, image: bool = False) -> tuple[int, ...]:
         """`rows_for(k, length, image)` for k = 0 … row_cap: the packer looks rows up instead of searching."""
-        rows = self.rows(length, image)
-        return (0,) + tuple(next(r for r in rows if r >= k) for k in range(1, self.row_cap(length, image) + 1))
+        return (0,) + tuple(self.rows_for(k, length, image) for k in range(1, self.row_cap(length, image) + 1))
 
     def length_for(self, n_tokens: int, image: bool = False) -> int:
         lengths = self.image_lengths if image else self.lengths

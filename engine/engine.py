@@ -210,9 +210,9 @@ class Engine:
     def _prepare_texts(self, items: list[EngineItem]) -> list[PreparedInput | Exception]:
         """Text-only inputs tokenised in one tokenizer call (in parallel, outside the GIL) instead of one pool task
         each; results as `_prepare_safely` gives them."""
-        ids = self.embedder.prompter.encode_batch([i.text for i in items], [i.input_type for i in items],
-                                                  [i.truncate for i in items], [i.max_tokens for i in items])
-        return [x if isinstance(x, Exception) else self._fits(PreparedInput(x)) for x in ids]
+        prepared = self.embedder.prepare_texts([i.text for i in items], [i.input_type for i in items],
+                                               [i.truncate for i in items], [i.max_tokens for i in items])
+        return [x if isinstance(x, Exception) else self._fits(x) for x in prepared]
 
     def _fits(self, prepared: PreparedInput) -> PreparedInput | Exception:
         if prepared.num_tokens > self.plan.lengths[-1]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,12 @@ class Embedder:
                                    max_tokens)
         return PreparedInput(ids, tiles)
 
+    def prepare_texts(self, texts: Sequence[str], input_types: Sequence[str], truncates: Sequence[Truncate | str],
+                      max_tokens: Sequence[int | None]) -> list[PreparedInput | Exception]:
+        """`prepare` for many text-only inputs, tokenised in one tokenizer call; a failure sits in its own slot."""
+        encoded = self.prompter.encode_batch(texts, input_types, truncates, max_tokens)
+        return [ids if isinstance(ids, Exception) else PreparedInput(ids) for ids in encoded]
+
     def prepared_from_ids(self, token_ids, image: Image.Image | None) -> PreparedInput:
         """An input tokenised elsewhere (by `prompter.encode`): checks the ids and that its image block fits."""
         try:
@@ -159,15 +165,15 @@ class Embedder:
         embedded. Text inputs are tokenised in one tokenizer call."""
         items = [EmbedInput.of(item) for item in items]
         texts = [i for i, item in enumerate(items) if item.image is None and item.text]
-        batched = dict(zip(texts, self.prompter.encode_batch(  # one tokenizer call for the text inputs
+        batched = dict(zip(texts, self.prepare_texts(
             [items[i].text for i in texts], [items[i].input_type for i in texts], [truncate] * len(texts),
             [max_tokens] * len(texts))))
         prepared = []
         for i, item in enumerate(items):
-            ids = batched.get(i)
-            if isinstance(ids, Exception):
-                raise ids
-            prepared.append(PreparedInput(ids) if ids is not None else self.prepare(item, truncate, max_tokens))
+            done = batched.get(i)
+            if isinstance(done, Exception):
+                raise done
+            prepared.append(done if done is not None else self.prepare(item, truncate, max_tokens))
         if not prepared:
             return np.zeros((0, self.config.embedding_size), np.float32)
         return self.embed_prepared(prepared)

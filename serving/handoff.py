@@ -30,7 +30,7 @@ class Handed:
     token_ids: list[int]  # the whole prompt, image tokens included
     prepare: Callable[[], Future] | None = None  # starts decoding and tiling the image on the host pool when called
     tiles: int = 0  # the image's tiles (0 for text): what preparing it early holds in memory
-    submitted_at: float | None = dataclasses.field(default_factory=time.time)  # for the queue-wait metric
+    submitted_at: float | None = None  # when it was left here, for the queue-wait metric (None: never queued)
     early: bool = False  # prepared early, counted against the early budget until taken
     started: Future | None = None  # preparation started early, on the request's side
 
@@ -45,6 +45,7 @@ class Handoff:
     def put(self, handed: Handed) -> str:
         """Leave an input; start preparing it now if the early budget allows. Returns its key."""
         key = secrets.token_hex(16)
+        handed.submitted_at = time.time()
         with self._lock:
             self._entries[key] = handed
             handed.early = handed.prepare is not None and self._early + handed.tiles <= self.early_tiles
