@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,14 +37,22 @@ def machine() -> str:
     return f"{cpu} ({os.cpu_count()} cores)" + (f", GPU: {gpu}" if gpu else "")
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when the benchmark exits (a mid-size checkpoint is 3 GB; left behind, a few
+    runs fill the disk)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def checkpoint(size: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
-    """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory, or kept under
-    $BENCH_CHECKPOINTS and reused there (several benchmarks in one session build a full-size one once)."""
+    """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory removed at exit, or
+    kept under $BENCH_CHECKPOINTS and reused there (several benchmarks in one session build a full-size one once)."""
     from conversion.convert import convert
     from conversion.random_checkpoint import write_random_checkpoint
 
     keep = os.environ.get("BENCH_CHECKPOINTS")
-    root = Path(keep) / f"{size}-{dtype}-{seed}" if keep else Path(tempfile.mkdtemp(prefix=f"bench-{size}-"))
+    root = Path(keep) / f"{size}-{dtype}-{seed}" if keep else scratch_dir(f"bench-{size}-")
     done = root / "complete"
     if done.exists():
         return root / "hf", root / "converted"

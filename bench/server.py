@@ -21,14 +21,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from common import ROOT, checkpoint, machine, picture, text_of_tokens
+from common import ROOT, checkpoint, machine, picture, scratch_dir, text_of_tokens
 
 MODEL = "nvidia/llama-nemotron-embed-vl-1b-v2"
 
@@ -183,7 +182,7 @@ def main() -> None:
 
     prompter = Prompter.from_dir(converted, ModelConfig.from_dir(converted))
     bodies = workload(prompter, args.requests)
-    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    work = scratch_dir("bench-server-")
     cache = work / "xla"
     proc = None
     url = args.url

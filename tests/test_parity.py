@@ -3,6 +3,8 @@
 float32: cosine ≥ 0.99999 for every input; bfloat16: ≥ 0.999. The reference shares no code with model/.
 """
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,15 +181,18 @@ def test_mid_size_parity(tmp_path_factory):
     from conversion.random_checkpoint import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("mid")
-    src = write_random_checkpoint(root / "hf", size="mid", seed=3, dtype="float32")
-    convert(src, root / "converted", progress=False)
-    embedder = Embedder(root / "converted", dtype="float32")
-    cases = [
-        {"text": "which chart shows revenue by quarter?", "image": None, "input_type": "query"},
-        {"text": "Quarterly revenue", "image": picture(1100, 600, 5), "input_type": "passage"},
-    ]
-    ours = embedder.embed(cases)
-    del embedder
-    theirs = ReferenceModel.from_pretrained(src, dtype=torch.float32).embed(cases)
+    try:  # 3 GB on disk: removed at once, not left for pytest's last three runs to pile up
+        src = write_random_checkpoint(root / "hf", size="mid", seed=3, dtype="float32")
+        convert(src, root / "converted", progress=False)
+        embedder = Embedder(root / "converted", dtype="float32")
+        cases = [
+            {"text": "which chart shows revenue by quarter?", "image": None, "input_type": "query"},
+            {"text": "Quarterly revenue", "image": picture(1100, 600, 5), "input_type": "passage"},
+        ]
+        ours = embedder.embed(cases)
+        del embedder
+        theirs = ReferenceModel.from_pretrained(src, dtype=torch.float32).embed(cases)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     assert ours.shape == (2, 2048)
     assert cosine(ours, theirs).min() >= F32_COSINE
