@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 def decoder_flops_per_token(cfg, length: int) -> float:
     t = cfg.text
@@ -32,3 +34,47 @@ def pass_flops(cfg, key: tuple) -> float:
     if key[0] == "multimodal":
         flops += vision_flops_per_tile(cfg) * key[3]
     return flops
+
+
+def matmul_ceiling(dtype, n: int) -> float:
+    """FLOP/s of one n×n by n×n product through JAX on its default device (best of 5)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def torch_matmul_ceiling(n: int, gpu: bool) -> float | None:
+    """The same product through PyTorch (cuBLAS on a GPU in bfloat16, its CPU BLAS in float32, with the threads
+    it runs the reference with), or None without PyTorch or without the GPU asked for."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if gpu and not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):
+            a @ a
+        sync()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            sync()
+            best = min(best, time.perf_counter() - start)
+    del a
+    if gpu:
+        torch.cuda.empty_cache()
+    return 2 * n**3 / best

@@ -18,42 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import checkpoint, machine, picture, text_of_tokens
-from flops import decoder_flops_per_token, vision_flops_per_tile
-
-
-def matmul_ceiling(dtype, n: int) -> float:
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def torch_matmul_ceiling(n: int) -> float | None:
-    """The same product through PyTorch (cuBLAS directly), or None without PyTorch on a GPU."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ a
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    del a
-    torch.cuda.empty_cache()
-    return 2 * n**3 / best
+from flops import decoder_flops_per_token, matmul_ceiling, torch_matmul_ceiling, vision_flops_per_tile
 
 
 def run_for(fn, seconds: float) -> tuple[int, float]:
@@ -102,7 +67,7 @@ def main() -> None:
     tile_flops = vision_flops_per_tile(cfg) * tiles * vcalls
 
     jax_ceiling = matmul_ceiling(jnp.bfloat16 if gpu else jnp.float32, args.matmul)
-    torch_ceiling = torch_matmul_ceiling(args.matmul) if gpu else None
+    torch_ceiling = torch_matmul_ceiling(args.matmul, gpu=True) if gpu else None
     ceiling = max(jax_ceiling, torch_ceiling or 0.0)
     print(f"machine: {machine()}; checkpoint: random {args.size}; dtype: {dtype}; jax {jax.__version__}")
     print()

@@ -1,0 +1,51 @@
+"""The model benchmarks run from a clean checkout with their one command, on the tiny checkpoint.
+
+Only that they run and print their tables and ratios is checked here: their figures are timings, which belong in
+bench/results/, never in an assertion.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_CHECKPOINTS"}  # a scratch checkpoint, removed at exit
+    done = subprocess.run([sys.executable, script, "--size", "tiny", *args], cwd=BENCH, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def ratios(out: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^ratio (.+): ([0-9.]+)x", out, re.M)}
+
+
+@pytest.mark.slow
+def test_model_vs_reference_runs_and_agrees():
+    out = run("model_vs_reference.py", "--repeats", "1")
+    workloads = ("64 queries ~16 tok", "16 passages ~512 tok", "8 image tiles")
+    found = ratios(out)
+    assert set(found) == {f"Flax/PyTorch throughput, {w}" for w in workloads}
+    assert all(r > 0 for r in found.values())
+    first_table = [row for row in out.splitlines() if row.startswith(tuple(f"| {w} |" for w in workloads))][:3]
+    cosines = [float(row.split("|")[-2]) for row in first_table]
+    assert len(cosines) == 3 and min(cosines) >= 0.9999  # float32 on both sides: the same vectors
+    assert "Matrix-product ceiling" in out and "needed / ceiling" in out
+
+
+@pytest.mark.slow
+def test_xla_flags_compares_every_set():
+    out = run("xla_flags.py", "--repeats", "1", "--flags=", "--flags=--xla_cpu_enable_fast_min_max=false")
+    assert "| (default) |" in out and "| --xla_cpu_enable_fast_min_max=false |" in out
+    assert "failed" not in out
+    line = next(row for row in out.splitlines() if row.startswith("ratio "))
+    assert line.startswith("ratio default/(--xla_cpu_enable_fast_min_max=false) time: ")
+    for w in ("64 queries ~16 tok", "16 passages ~512 tok", "8 image tiles"):
+        assert re.search(re.escape(w) + r" [0-9.]+x", line)
