@@ -23,4 +23,4 @@ step() {  # step NAME SECONDS COMMAND...: one benchmark, its log kept whatever h
 step model_vs_reference_mid 180 $PY model_vs_reference.py --size mid --repeats 5
 step model_vs_reference_full 300 $PY model_vs_reference.py --size full --repeats 5
 step gpu_full 100 $PY gpu.py --size full --seconds 6
-step xla_flags_full 130 $PY xla_flags.py --size full --repeats 20
+step xla_flags_full 160 $PY xla_flags.py --size full --repeats 20
