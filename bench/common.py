@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import platform
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -60,6 +62,42 @@ def checkpoint(size: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, 
     convert(src, root / "converted", progress=False)
     done.touch()
     return src, root / "converted"
+
+
+def compute_dtype() -> str:
+    """What the model computes in on this machine's JAX backend: bfloat16 on a GPU, float32 on a CPU."""
+    import jax
+
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+@dataclasses.dataclass
+class ModelBench:
+    src: Path  # the Hugging Face layout, for the PyTorch reference
+    embedder: Any
+    engine: Any  # one pass per workload: 16 × 512 = 8192 tokens, 8 tiles
+    workloads: dict[str, list[dict]]  # issue #4's three, by name, as `embed` items
+
+
+def model_bench(size: str) -> ModelBench:
+    """The setup shared by the model benchmarks (model_vs_reference, xla_flags, profile_pass): the random checkpoint
+    in the backend's compute dtype, its engine, and the workloads: 64 queries of ~16 tokens, 16 passages of ~512
+    tokens, 8 one-tile images."""
+    from engine import Engine, EngineConfig
+    from model import Embedder
+
+    dtype = compute_dtype()
+    src, converted = checkpoint(size, dtype=dtype)
+    embedder = Embedder(converted, dtype=dtype)
+    engine = Engine(embedder, EngineConfig.for_backend(max_length=768, max_batch_tokens=8192, max_tiles=8))
+    tile = embedder.config.force_image_size
+    workloads = {
+        "64 queries ~16 tok": [{"text": text_of_tokens(embedder.prompter, 13, i), "input_type": "query"} for i in range(64)],
+        "16 passages ~512 tok": [{"text": text_of_tokens(embedder.prompter, 508, 100 + i), "input_type": "passage"}
+                                 for i in range(16)],
+        "8 image tiles": [{"image": picture(tile, tile, 200 + i), "input_type": "passage"} for i in range(8)],
+    }
+    return ModelBench(src, embedder, engine, workloads)
 
 
 def text_of_tokens(prompter, n_tokens: int, seed: int) -> str:

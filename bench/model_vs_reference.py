@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from common import checkpoint, machine, picture, text_of_tokens
+from common import machine, model_bench
 from flops import matmul_ceiling, pass_flops, torch_matmul_ceiling
 
 
@@ -84,10 +84,9 @@ def torch_parts(reference, cfg, items, repeats: int) -> tuple[float, float, floa
         return timed(host, repeats), timed(device, repeats), flops
 
 
-def real_flops(embedder, items) -> float:
+def real_flops(cfg, prepared) -> float:
     """The workload's matrix work without padding: each input alone at its own length."""
-    prepared = [embedder.prepare(item) for item in items]
-    return sum(pass_flops(embedder.config, ("multimodal", 1, p.num_tokens, p.num_tiles) if p.num_tiles
+    return sum(pass_flops(cfg, ("multimodal", 1, p.num_tokens, p.num_tiles) if p.num_tiles
                           else ("text", 1, p.num_tokens)) for p in prepared)
 
 
@@ -95,8 +94,7 @@ def main() -> None:
     import jax
     import torch
 
-    from engine import Engine, EngineConfig, EngineItem
-    from model import Embedder
+    from engine import EngineItem
     from tests.reference import ReferenceModel
 
     parser = argparse.ArgumentParser()
@@ -109,25 +107,17 @@ def main() -> None:
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
-    src, converted = checkpoint(args.size, dtype="bfloat16" if on_gpu else "float32")
-    embedder = Embedder(converted, dtype=dtype)
-    # One pass per workload on every backend (16 × 512 = 8192 tokens).
-    engine = Engine(embedder, EngineConfig.for_backend(max_length=768, max_batch_tokens=8192, max_tiles=8))
-    tile = embedder.config.force_image_size
-    workloads = {
-        "64 queries ~16 tok": [{"text": text_of_tokens(embedder.prompter, 13, i), "input_type": "query"} for i in range(64)],
-        "16 passages ~512 tok": [{"text": text_of_tokens(embedder.prompter, 508, 100 + i), "input_type": "passage"}
-                                 for i in range(16)],
-        "8 image tiles": [{"image": picture(tile, tile, 200 + i), "input_type": "passage"} for i in range(8)],
-    }
-    reference = ReferenceModel.from_pretrained(src, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    bench = model_bench(args.size)  # one pass per workload on every backend
+    embedder, engine = bench.embedder, bench.engine
+    reference = ReferenceModel.from_pretrained(bench.src, dtype=torch.bfloat16 if on_gpu else torch.float32)
     if on_gpu:
         reference = reference.to("cuda")
 
     rows, parts = [], []
-    for name, items in workloads.items():
+    for name, items in bench.workloads.items():
         units = len(items)
-        tokens = sum(embedder.prepare(item).num_tokens for item in items)
+        prepared = [embedder.prepare(item) for item in items]
+        tokens = sum(p.num_tokens for p in prepared)
         engine_items = [EngineItem(text=i.get("text"), image=i.get("image"), input_type=i["input_type"]) for i in items]
         flax_s = timed(lambda: engine.embed(engine_items), args.repeats)
         with torch.inference_mode():
@@ -136,7 +126,7 @@ def main() -> None:
             cosine = float((np.stack(engine.embed(engine_items)) * reference.embed(items)).sum(-1).min())
         rows.append((name, units, tokens, flax_s, torch_s, cosine))
         parts.append((name, *flax_parts(engine, engine_items, args.repeats),
-                      *torch_parts(reference, embedder.config, items, args.repeats), real_flops(embedder, items)))
+                      *torch_parts(reference, embedder.config, items, args.repeats), real_flops(embedder.config, prepared)))
 
     target = args.target or (2.0 if on_gpu else 1.3)
     n = args.matmul or (8192 if on_gpu else 2048)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import checkpoint, machine, picture, text_of_tokens
+from common import compute_dtype, machine, model_bench
 
-WORKLOADS = {"queries": (64, 13, "query"), "passages": (16, 508, "passage"), "tiles": (8, 0, "passage")}
+WORKLOADS = {"queries": "64 queries ~16 tok", "passages": "16 passages ~512 tok", "tiles": "8 image tiles"}
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?(?:op_name=\"([^\"]*)\")?")
 
 
@@ -46,24 +46,16 @@ def trace_events(directory: Path) -> list[dict]:
 def main() -> None:
     import jax
 
-    from engine import Engine, EngineConfig
-    from model import Embedder
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="mid", choices=["tiny", "mid", "full"])
     parser.add_argument("--workload", default="passages", choices=list(WORKLOADS))
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 
-    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    _, converted = checkpoint(args.size, dtype=dtype)
-    embedder = Embedder(converted, dtype=dtype)
-    engine = Engine(embedder, EngineConfig.for_backend(max_length=768, max_batch_tokens=8192, max_tiles=8))
-    n, tokens, input_type = WORKLOADS[args.workload]
-    tile = embedder.config.force_image_size
-    items = [{"text": text_of_tokens(embedder.prompter, tokens, i)} if tokens else {"image": picture(tile, tile, 200 + i)}
-             for i in range(n)]
-    key, batch = engine.collate_pass(not tokens, [embedder.prepare({**i, "input_type": input_type}) for i in items])
+    bench = model_bench(args.size)
+    engine, dtype = bench.engine, compute_dtype()
+    prepared = [bench.embedder.prepare(item) for item in bench.workloads[WORKLOADS[args.workload]]]
+    key, batch = engine.collate_pass(any(p.num_tiles for p in prepared), prepared)
     np.asarray(engine.launch(key, batch))  # compile and warm
     start = time.perf_counter()
     np.asarray(engine.launch(key, batch))
@@ -84,7 +76,7 @@ def main() -> None:
             total[e["name"]] += e["dur"] / 1e3
             count[e["name"]] += 1
     print(f"machine: {machine()}; checkpoint: random {args.size}; {dtype}; jax {jax.__version__} "
-          f"({jax.default_backend()}); workload: {n} {args.workload}, bucket {key}; one pass untraced: {wall:.3f} s")
+          f"({jax.default_backend()}); workload: {WORKLOADS[args.workload]}, bucket {key}; one pass untraced: {wall:.3f} s")
     print()
     print("| op | ms | runs | output | from |")
     print("|---|---|---|---|---|")

@@ -17,43 +17,28 @@ import subprocess
 import sys
 import time
 
-from common import checkpoint, machine, picture, scratch_dir, text_of_tokens
+from common import checkpoint, compute_dtype, machine, model_bench, scratch_dir
 
 DEFAULT_FLAGS = {
     "gpu": ("", "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_command_buffer="),
     "cpu": ("", "--xla_cpu_experimental_ynn_fusion_type="),
 }
-WORKLOADS = {"64 queries ~16 tok": (64, 13, "query"), "16 passages ~512 tok": (16, 508, "passage"),
-             "8 image tiles": (8, 0, "passage")}
-
-
-def dtype_for(backend: str) -> str:
-    return "bfloat16" if backend == "gpu" else "float32"
+WORKLOADS = ("64 queries ~16 tok", "16 passages ~512 tok", "8 image tiles")  # common.model_bench's
 
 
 def child(size: str, repeats: int) -> dict[str, float]:
-    import jax
     import numpy as np
 
-    from engine import Engine, EngineConfig
-    from model import Embedder
-
-    dtype = dtype_for(jax.default_backend())
-    _, converted = checkpoint(size, dtype=dtype)
-    embedder = Embedder(converted, dtype=dtype)
-    engine = Engine(embedder, EngineConfig.for_backend(max_length=768, max_batch_tokens=8192, max_tiles=8))
-    tile = embedder.config.force_image_size
+    bench = model_bench(size)
     out = {}
-    for name, (n, tokens, input_type) in WORKLOADS.items():
-        items = [{"text": text_of_tokens(embedder.prompter, tokens, i)} if tokens else
-                 {"image": picture(tile, tile, 200 + i)} for i in range(n)]
-        prepared = [embedder.prepare({**item, "input_type": input_type}) for item in items]
-        key, batch = engine.collate_pass(not tokens, prepared)
-        np.asarray(engine.launch(key, batch))  # compile and warm
+    for name, items in bench.workloads.items():
+        prepared = [bench.embedder.prepare(item) for item in items]
+        key, batch = bench.engine.collate_pass(any(p.num_tiles for p in prepared), prepared)
+        np.asarray(bench.engine.launch(key, batch))  # compile and warm
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
-            np.asarray(engine.launch(key, batch))
+            np.asarray(bench.engine.launch(key, batch))
             runs.append(time.perf_counter() - start)
         out[name] = statistics.median(runs)
     return out
@@ -74,11 +59,10 @@ def main() -> None:
         return
     import jax
 
-    backend = jax.default_backend()
-    flag_sets = list(dict.fromkeys(args.flags if args.flags else DEFAULT_FLAGS.get(backend, ("",))))
+    flag_sets = list(dict.fromkeys(args.flags if args.flags else DEFAULT_FLAGS.get(jax.default_backend(), ("",))))
     if not os.environ.get("BENCH_CHECKPOINTS"):  # the children share one checkpoint, removed when this exits
         os.environ["BENCH_CHECKPOINTS"] = str(scratch_dir("bench-flags-"))
-    checkpoint(args.size, dtype=dtype_for(backend))
+    checkpoint(args.size, dtype=compute_dtype())
     runs: dict[str, list[dict[str, float]]] = {flags: [] for flags in flag_sets}
     for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every set alike
         for flags in flag_sets:
