@@ -7,9 +7,11 @@ import dataclasses
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,56 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
     channels = [np.sin(x * a * 6.28 + rng.uniform(0, 6)) * np.cos(y * b * 6.28) for a, b in rng.uniform(1, 9, (3, 2))]
     pixels = (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 12, (height, width, 3))).clip(0, 255)
     return Image.fromarray(pixels.astype(np.uint8))
+
+
+def cpu_seconds(root: int | None) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc); NaN when unknown."""
+    if root is None or not Path("/proc").is_dir():
+        return float("nan")
+    parent, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        pid = int(stat.parent.name)
+        parent[pid], cpu[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # utime + stime
+    total = 0
+    for pid in cpu:
+        p = pid
+        while p not in (0, 1, root) and p in parent:
+            p = parent[p]
+        total += cpu[pid] if p == root else 0
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, cache: Path, env: dict[str, str] | None = None, root: Path = ROOT,
+                 log_name: str = "server.log") -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` of `root` (this checkout, or another one to compare with) on a free port, once ready."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "EMBED_MODEL": str(model_dir), "EMBED_COMPILATION_CACHE": str(cache),
+           "EMBED_CACHE_DIR": str(cache.parent), **(env or {})}
+    log = open(cache.parent / log_name, "w")
+    bentoml = str(Path(sys.executable).with_name("bentoml"))  # the one installed beside this Python
+    proc = subprocess.Popen([bentoml, "serve", "--port", str(port)], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {cache.parent / log_name}")
+        time.sleep(2)
+    raise TimeoutError("server not ready")

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import ROOT, checkpoint, machine, picture, scratch_dir, text_of_tokens
+from common import checkpoint, cpu_seconds, machine, picture, scratch_dir, start_server, text_of_tokens
 
 MODEL = "nvidia/llama-nemotron-embed-vl-1b-v2"
 
@@ -85,55 +85,6 @@ async def run_level(url: str, bodies: list[dict], concurrency: int) -> tuple[flo
         start = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         return time.perf_counter() - start, latencies, errors
-
-
-def cpu_seconds(root: int | None) -> float:
-    """User + system CPU seconds of a process and all its descendants (Linux /proc); NaN when unknown."""
-    if root is None or not Path("/proc").is_dir():
-        return float("nan")
-    parent, cpu = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except (OSError, IndexError):
-            continue
-        pid = int(stat.parent.name)
-        parent[pid], cpu[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # utime + stime
-    total = 0
-    for pid in cpu:
-        p = pid
-        while p not in (0, 1, root) and p in parent:
-            p = parent[p]
-        total += cpu[pid] if p == root else 0
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, cache: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "EMBED_MODEL": str(model_dir), "EMBED_COMPILATION_CACHE": str(cache),
-           "EMBED_CACHE_DIR": str(cache.parent)}
-    log = open(cache.parent / "server.log", "w")
-    bentoml = str(Path(sys.executable).with_name("bentoml"))  # the one installed beside this Python
-    proc = subprocess.Popen([bentoml, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1800
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {cache.parent / 'server.log'}")
-        time.sleep(2)
-    raise TimeoutError("server not ready")
 
 
 def engine_throughput(model_dir: Path, bodies: list[dict], cache: str, batch: int,

@@ -295,10 +295,15 @@ class Engine:
         here, the rest on the pool meanwhile; a failure sits in its item's slot."""
         texts = [i for i, item in enumerate(items) if isinstance(item, EngineItem) and item.text
                  and item.image is None and item.token_ids is None]
-        batched = set(texts)
+        # Token ids without an image only need checking: a pool task would cost more than the check.
+        tokenised = [i for i, item in enumerate(items) if isinstance(item, EngineItem) and item.image is None
+                     and item.token_ids is not None]
+        batched = set(texts) | set(tokenised)
         futures = {i: item if isinstance(item, Future) else self.submit(item)
                    for i, item in enumerate(items) if i not in batched}
         results: list[Any] = [None] * len(items)
+        for i in tokenised:
+            results[i] = self._prepare_safely(items[i])
         if texts:
             for i, outcome in zip(texts, self._prepare_texts([items[i] for i in texts])):
                 results[i] = outcome

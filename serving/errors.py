@@ -103,12 +103,3 @@ def for_status(status: int, message: str) -> NimError:
     if status == 503:
         return ServiceUnavailableError(message)
     return ERRORS_BY_STATUS.get(status, BadRequestError if status < 500 else InternalServerError)(message)
-
-
-def from_batcher(status: int) -> NimError:
-    """BentoML's batcher refused a call: overloaded (503) or out of time (504); anything else is our own bug."""
-    if status == 503:
-        return ServiceUnavailableError("the server is overloaded; retry later")
-    if status == 504:
-        return GatewayTimeoutError("the request timed out waiting for the model")
-    return InternalServerError("internal error while embedding")

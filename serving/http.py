@@ -115,19 +115,28 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work` (after the body was read), cancelling it with a 499 if the client hangs up first.
 
     Listens for the server's `http.disconnect` message instead of polling: nothing else reads from `receive` once
-    the body is in, and the wait costs nothing while the request is queued.
+    the body is in, and the wait costs nothing while the request is queued. The work runs on the request's own task
+    (only the listener gets one of its own), which the listener cancels when the client is gone.
     """
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_until_disconnected(request.receive))
+    task = asyncio.current_task()
+    gone = False
+
+    async def listen() -> None:
+        nonlocal gone
+        await _until_disconnected(request.receive)
+        gone = True
+        task.cancel()
+
+    listener = asyncio.ensure_future(listen())
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when the caller is cancelled (its timeout)
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    raise ClientClosedRequest("the client closed the connection before the answer was ready")
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientClosedRequest("the client closed the connection before the answer was ready") from None
+    finally:
+        listener.cancel()
 
 
 async def _until_disconnected(receive: Callable) -> None:

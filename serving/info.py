@@ -93,8 +93,7 @@ def metadata(settings: Settings, embedder: Embedder | None) -> dict[str, Any]:
             "embeddingSize": size,
             "dimensions": list(allowed_dimensions(size)) if size else None,
         },
-        "batching": {"maxBatchSize": settings.max_batch_size, "maxLatencyMs": settings.max_latency_ms,
-                     "maxWaitMs": settings.max_wait_ms},
+        "batching": {"maxWaitMs": settings.max_wait_ms, "workers": settings.workers},
         "dtype": embedder.dtype if embedder is not None else settings.dtype,
     }
 

@@ -25,7 +25,8 @@ class Metrics:
         self.requests = Counter("nim_requests_total", "HTTP requests by route and status", ["route", "status"])
         self.request_seconds = Histogram("nim_request_duration_seconds", "HTTP request latency", ["route"],
                                          buckets=LATENCY_BUCKETS)
-        self.queue_seconds = Histogram("nim_queue_duration_seconds", "Wait from submission to the start of its batch",
+        self.queue_seconds = Histogram("nim_queue_duration_seconds", "Wait of a request from its submission to the "
+                                       "start of its batch",
                                        buckets=LATENCY_BUCKETS)
         self.inference_seconds = Histogram("nim_inference_duration_seconds", "Duration of one batch (decode + forward)",
                                            buckets=LATENCY_BUCKETS)
@@ -48,8 +49,8 @@ class Metrics:
         self.shed = Counter("nim_shed_requests_total", "Requests refused with 429 by admission control, by the limit "
                             "hit (full: refused before reading the body)", ["reason"])
         self.abandoned_inputs = Counter("nim_abandoned_inputs_total",
-                                        "Inputs skipped in a batch because their request was over (client gone, "
-                                        "timed out)")
+                                        "Inputs withdrawn before their batch because their request was over (client "
+                                        "gone, timed out): the device never saw them")
         self.inflight_inputs = Gauge("nim_inflight_inputs", "Inputs admitted and not yet answered",
                                      multiprocess_mode="livesum")
         self.inflight_tokens = Gauge("nim_inflight_tokens", "Tokens admitted and not yet answered",
@@ -110,13 +111,20 @@ class Metrics:
             self.inputs.labels(modality=modality).inc()
             self.input_tokens.labels(modality=modality).inc(n)
 
-    def observe_batch_start(self, submitted_at: Sequence[float | None], tokens: int) -> None:
-        now = time.time()
-        self.batch_size.observe(len(submitted_at))
+    # The batch queue's observer (engine.queue.QueueObserver).
+    def on_depth(self, inputs: int) -> None:
+        self.queue_depth.set(inputs)
+
+    def on_withdrawn(self, inputs: int) -> None:
+        self.abandoned_inputs.inc(inputs)
+
+    def on_batch(self, queue_waits: Sequence[float], inputs: int, tokens: int, seconds: float) -> None:
+        """One batch of the engine's queue: the wait of each request in it, its size and its duration."""
+        self.batch_size.observe(inputs)
         self.batch_tokens.observe(tokens)
-        for t in submitted_at:
-            if t is not None:
-                self.queue_seconds.observe(max(0.0, now - t))
+        self.inference_seconds.observe(seconds)
+        for wait in queue_waits:
+            self.queue_seconds.observe(wait)
 
 
 _lock = threading.Lock()

@@ -17,14 +17,22 @@ from serving.schemas import BatchItem, EmbeddingRequest
 from serving.settings import Settings
 
 
+# What the model gets for one input: its prompt's token ids (image tokens included) and its image's base64, if any.
+ModelInput = tuple[list[int], "str | None"]
+
+# The API reference's own words for an image sent as a query.
+IMAGE_AS_QUERY = ('input_type="query" is not supported with images; the VLM model processes images as passages only. '
+                  'Use input_type="passage" or omit input_type.')
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedRequest:
-    items: list[BatchItem]
+    inputs: list[ModelInput]
     modalities: list[str]
 
     @property
     def tokens(self) -> list[int]:
-        return [len(item.token_ids or ()) for item in self.items]
+        return [len(ids) for ids, _ in self.inputs]
 
 
 def model_input_type(model: str, served: str) -> str | None:
@@ -76,7 +84,7 @@ def cap_text(text: str | None, max_tokens: int, truncate: str, per_token: int) -
 
 
 def prepare_item(parsed: ParsedInput, input_type: str | None, truncate: str, embedder: Embedder,
-                 settings: Settings) -> BatchItem:
+                 settings: Settings) -> ModelInput:
     """Raises ValueError (InputTooLongError included) with a message for the client."""
     input_type = input_type or default_input_type(parsed.modality)
     max_tokens = settings.max_tokens(parsed.modality)
@@ -84,14 +92,13 @@ def prepare_item(parsed: ParsedInput, input_type: str | None, truncate: str, emb
     tiles = 0
     if parsed.image is not None:
         if input_type != "passage":
-            raise ValueError("image inputs are supported only with input_type 'passage' or when input_type is "
-                             f"omitted; got '{input_type}'")
+            raise ImageAsQueryError(IMAGE_AS_QUERY)
         info = inspect_image(parsed.image, max_bytes=settings.max_image_bytes,
                              max_short_side=settings.max_image_short_side,
                              max_long_side=settings.max_image_long_side)
         tiles = embedder.num_tiles(info.width, info.height)
     ids = embedder.prompter.encode(text, tiles, input_type, truncate, max_tokens)
-    return BatchItem(token_ids=ids.tolist(), image=parsed.image)
+    return ids.tolist(), parsed.image
 
 
 def prepare_request(request: EmbeddingRequest, input_type: str | None, embedder: Embedder,
@@ -101,26 +108,40 @@ def prepare_request(request: EmbeddingRequest, input_type: str | None, embedder:
         raise BadRequestError(f"input has {len(request.input)} items; at most {settings.max_inputs} are allowed "
                               "per request")
     truncate = request.truncate or "NONE"
-    items, modalities = [], []
+    inputs, modalities = [], []
     for i, value in enumerate(request.input):
         try:
             parsed = parse_input(value, request.modality_of(i))
-            items.append(prepare_item(parsed, input_type, truncate, embedder, settings))
+            inputs.append(prepare_item(parsed, input_type, truncate, embedder, settings))
+        except ImageAsQueryError as e:
+            raise BadRequestError(str(e)) from None  # verbatim, as the API reference words it
         except ValueError as e:
             raise BadRequestError(f"input[{i}]: {e}") from None
         modalities.append(parsed.modality)
-    return PreparedRequest(items, modalities)
+    return PreparedRequest(inputs, modalities)
 
 
-def complete_item(item: BatchItem, embedder: Embedder, settings: Settings) -> BatchItem:
-    """Tokenise an item that a direct BentoML client sent as text/image (truncate NONE). Raises ValueError."""
-    if item.token_ids is not None:
-        return item
+def complete_item(item: BatchItem, embedder: Embedder, settings: Settings) -> ModelInput:
+    """An item that a direct BentoML client sent: its token ids as given (checked by the engine), or its text/image
+    tokenised here (truncate NONE). Raises ValueError."""
     image = item.image
-    if image is not None and image.startswith("data:"):
-        image = image.partition(",")[2]  # a data URL's payload; its header is not needed to decode the image
+    if item.token_ids is not None:
+        if not item.token_ids:
+            raise ValueError("token_ids must not be empty")
+        return list(item.token_ids), _payload(image)
+    image = _payload(image)
     if image is None and not (item.text or "").strip():
         raise ValueError("an item needs token_ids, text or an image")
     modality = "text" if image is None else ("text_image" if (item.text or "").strip() else "image")
     parsed = ParsedInput(modality, item.text, image)
     return prepare_item(parsed, item.input_type, "NONE", embedder, settings)
+
+
+def _payload(image: str | None) -> str | None:
+    if image is not None and image.startswith("data:"):
+        return image.partition(",")[2]  # a data URL's payload; its header is not needed to decode the image
+    return image
+
+
+class ImageAsQueryError(ValueError):
+    """An image with input_type "query": the reference's message names no input."""

@@ -1,16 +1,19 @@
-"""Batch items -> vectors, or an error for each item that cannot be embedded. Knows nothing of HTTP or BentoML.
+"""One worker's model: the embedder, its engine and the engine's batch queue. Knows nothing of HTTP or BentoML.
 
-An input reaches the batch in one of two ways. `/v1/embeddings` leaves it in this worker's `Handoff` (token ids, and
-the image's base64, whose decoding and tiling may already have started on the engine's pool) and only its key
-crosses the batcher; a direct BentoML client sends token ids or text and the image's base64 in the item. Either way
-the engine (engine/) packs every input into precompiled buckets and answers each with its vector or its own
-exception, which becomes that item's error here.
+Every door (/v1/embeddings, the BentoML client's `embed_batch`) hands validated, tokenised inputs to `embed`, which
+queues them for the engine's batch thread and answers a vector or an `ItemError` per input. A page image starts
+decoding and tiling on the engine's host pool as soon as it is queued, while the batch in flight runs, up to
+`early_tiles` tiles at once (beyond that it is prepared inside its own batch): memory held ahead of the device stays
+bounded whatever the queue holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
+import time
 from concurrent.futures import CancelledError, Future
 from typing import Sequence
 
@@ -18,60 +21,108 @@ import numpy as np
 from PIL import Image
 
 from engine import Engine, EngineConfig, EngineItem
+from engine.queue import BatchQueue
 from model import Embedder, InputTooLongError
-from serving.handoff import Handed, Handoff
 from serving.inputs import decode_base64
 from serving.schemas import ItemError
 
 logger = logging.getLogger(__name__)
-# Tiles that may be decoded and tiled ahead of their batch, in forward passes' worth (as admission's 16 passes).
+# Tiles decoded ahead of their batch, in forward passes' worth (as admission's default of 16 passes in flight).
 EARLY_PASSES = 16
 
 
 class Runner:
-    def __init__(self, embedder: Embedder, config: EngineConfig, observer=None):
+    def __init__(self, embedder: Embedder, config: EngineConfig, observer=None, *, max_wait_s: float = 0.0,
+                 fault_batch_delay_s: float = 0.0):
+        """`observer`: the engine's and the queue's metrics hooks (serving.metrics.Metrics has both).
+        `fault_batch_delay_s`: drills only, a slow device (every batch sleeps that long first)."""
         self.embedder = embedder
         self.engine = Engine(embedder, config, observer)
-        self.handoff = Handoff(early_tiles=EARLY_PASSES * self.engine.plan.max_tiles)
+        if fault_batch_delay_s:
+            self.queue: BatchQueue = _SlowDevice(self.engine, fault_batch_delay_s, max_wait_s=max_wait_s,
+                                                 observer=observer)
+        else:
+            self.queue = BatchQueue(self.engine, max_wait_s=max_wait_s, observer=observer)
+        self.early_tiles = EARLY_PASSES * self.engine.plan.max_tiles
+        self._early = 0  # tiles being decoded or held ahead of their batch
+        self._lock = threading.Lock()
 
     def warmup(self) -> float:
         """Compile every bucket and run a text and an image pass: nothing compiles while serving."""
         return self.engine.warmup()
 
-    def hand_over(self, token_ids: list[int], image_b64: str | None) -> str:
-        """Leave a validated input for its batch (its image starts decoding now if the budget allows); its key."""
-        return self.handoff.put(self.handed(token_ids, image_b64))
+    async def embed(self, inputs: Sequence[tuple[list[int], str | None]]) -> list[np.ndarray | ItemError]:
+        """(token ids, image base64 or None) per input -> its float32 [D] vector or its own error, in order.
 
-    def handed(self, token_ids: list[int], image_b64: str | None) -> Handed:
-        """An input as a batch takes it, its image not yet being prepared (`hand_over` may start that)."""
-        if image_b64 is None:
-            return Handed(token_ids)
+        Cancelling the caller (client gone, timeout) withdraws the inputs that no batch has started yet."""
+        items, tiles = self._items(inputs)
+        future = self.queue.submit(items, tokens=sum(len(ids) for ids, _ in inputs))
+        try:
+            results = await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # a no-op once its batch started
+            if tiles:
+                self._release(items, tiles)
+        return [r if isinstance(r, np.ndarray) else item_error(r) for r in results]
+
+    def embed_sync(self, inputs: Sequence[tuple[list[int], str | None]]) -> list[np.ndarray | ItemError]:
+        """`embed` for a caller on a plain thread."""
+        items, tiles = self._items(inputs)
+        try:
+            results = self.queue.submit(items, tokens=sum(len(ids) for ids, _ in inputs)).result()
+        finally:
+            if tiles:
+                self._release(items, tiles)
+        return [r if isinstance(r, np.ndarray) else item_error(r) for r in results]
+
+    def _items(self, inputs: Sequence[tuple[list[int], str | None]]) -> tuple[list, int]:
+        """Text inputs as they are; images as a future of their decoding when the early budget has room."""
         cfg = self.embedder.config
-        tiles = token_ids.count(cfg.img_context_token_id) // cfg.tokens_per_tile
-        return Handed(token_ids, functools.partial(self._submit, token_ids, image_b64), tiles)
-
-    def _submit(self, token_ids: Sequence[int], image_b64: str) -> Future:
-        return self.engine.submit(functools.partial(_engine_item, token_ids, image_b64))
-
-    def run(self, inputs: Sequence[Handed]) -> list[np.ndarray | ItemError]:
-        """float32 [D] L2-normalised vectors, in input order; an ItemError for each input that failed."""
-        outputs: list[np.ndarray | ItemError | None] = [None] * len(inputs)
-        todo: list[tuple[int, EngineItem | Future]] = []
-        for i, handed in enumerate(inputs):
-            if not handed.token_ids:
-                outputs[i] = ItemError(status=400, message="token_ids must not be empty")
-            elif handed.started is not None:
-                todo.append((i, handed.started))
-            elif handed.prepare is not None:
-                todo.append((i, handed.prepare()))
+        items: list = []
+        early = 0
+        for ids, image in inputs:
+            if image is None:
+                items.append(EngineItem(token_ids=ids))
+                continue
+            lazy = functools.partial(_engine_item, ids, image)
+            tiles = ids.count(cfg.img_context_token_id) // cfg.tokens_per_tile
+            with self._lock:
+                room = self._early + tiles <= self.early_tiles
+                if room:
+                    self._early += tiles
+            if room:
+                early += tiles
+                items.append(self.engine.submit(lazy))
             else:
-                todo.append((i, EngineItem(token_ids=handed.token_ids)))
-        for (i, _), result in zip(todo, self.engine.embed([item for _, item in todo])):
-            outputs[i] = result if isinstance(result, np.ndarray) else item_error(result)
-        return outputs  # type: ignore[return-value]
+                items.append(lazy)  # the engine calls it on its pool when the batch prepares its inputs
+        return items, early
+
+    def _release(self, items: list, tiles: int) -> None:
+        for item in items:
+            if isinstance(item, Future):
+                item.cancel()  # not started yet: never decoded
+        with self._lock:
+            self._early -= tiles
 
     def close(self) -> None:
+        self.queue.close()
         self.engine.close()
+
+
+class _SlowDevice(BatchQueue):
+    """A queue whose every batch waits `delay_s` before taking its inputs, as behind a slow device: timeouts, drains,
+    withdrawals and overload can be drilled on a fast model."""
+
+    def __init__(self, engine: Engine, delay_s: float, **kwargs):
+        self.delay_s = delay_s
+        super().__init__(engine, **kwargs)
+
+    def _next_batch(self):
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+        time.sleep(self.delay_s)
+        return super()._next_batch()
 
 
 def _engine_item(token_ids: Sequence[int], image_b64: str) -> EngineItem:

@@ -47,10 +47,10 @@ class Settings(BaseModel):
 
     # ---- batching and time limits ----------------------------------------------------------------------------
     max_wait_ms: int = Field(10, alias="NIM_MAX_WAIT_MS", ge=0,
-                             description="longest a request is held for a batch to fill")
-    max_latency_ms: int = Field(60_000, alias="NIM_MAX_LATENCY_MS", ge=100,
-                                description="BentoML batcher's latency bound: past it a queued request gets 503")
-    max_batch_size: int = Field(128, alias="EMBED_MAX_BATCH_SIZE", ge=2, description="inputs per dispatched batch")
+                             description="longest a request is held for a batch to fill, while traffic flows (an "
+                                         "idle server never holds one)")
+    workers: int = Field(1, alias="EMBED_WORKERS", ge=1,
+                         description="server processes, each with its own copy of the model and its own batches")
     request_timeout_s: float = Field(300.0, alias="NIM_REQUEST_TIMEOUT_S", gt=0, description="504 after this")
     decode_threads: int = Field(4, alias="EMBED_DECODE_THREADS", ge=1,
                                 description="host threads for image decoding, tiling and collation")
@@ -65,8 +65,9 @@ class Settings(BaseModel):
     compilation_cache: str | None = Field(None, alias="EMBED_COMPILATION_CACHE",
                                           description="persistent XLA cache directory; default $EMBED_CACHE_DIR/xla")
     gpu_memory_fraction: float | None = Field(None, alias="EMBED_GPU_MEMORY_FRACTION", gt=0, le=1,
-                                              description="share of GPU memory this process preallocates "
-                                                          "(JAX's default 0.75; lower it to share a GPU)")
+                                              description="share of GPU memory each worker preallocates "
+                                                          "(JAX's default 0.75 with one worker, 0.85/workers with "
+                                                          "several; lower it to share a GPU)")
     startup_delay_s: float = Field(0.0, alias="EMBED_STARTUP_DELAY_S", ge=0,
                                    description="sleep before loading the model (to test readiness probes)")
 

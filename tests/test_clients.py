@@ -1,6 +1,6 @@
 """Real client libraries against a live `bentoml serve` of the tiny checkpoint (tests/service_fixtures.py).
 
-BentoML's own client on the batchable API, the OpenAI SDK, LangChain's NVIDIAEmbeddings and LlamaIndex's
+BentoML's own client on its API (embed_batch), the OpenAI SDK, LangChain's NVIDIAEmbeddings and LlamaIndex's
 NVIDIAEmbedding: each one's vectors must equal what /v1/embeddings itself answers (encoding_format float) for what
 that client actually sent. One test runs the two NVIDIA integrations in a subprocess whose sockets refuse every
 address but the loopback: they must import, construct and embed without reaching the internet (no model list
@@ -56,7 +56,7 @@ def assert_same(got, expected: np.ndarray) -> None:
 
 
 # ---- BentoML ----------------------------------------------------------------------------------------------------------
-def test_bentoml_sync_client_on_the_batchable_api(server):
+def test_bentoml_sync_client_on_embed_batch(server):
     import bentoml
 
     image = png_b64(1)

@@ -8,7 +8,6 @@ import json
 import logging
 import struct
 import time
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from serving import openapi
 from serving.access import ApiKeyAuth, RequestLog, annotate
 from serving.admission import Admission
 from serving.errors import TooManyRequestsError
-from serving.handoff import Handed, Handoff
 from serving.http import nim_app
 from serving.prepare import CUT_MARGIN_TOKENS, cap_text, chars_per_token
 from serving.schemas import BatchItem
@@ -63,33 +61,9 @@ def test_a_request_larger_than_the_limits_runs_alone():
     assert a.inputs == 0 and a.tokens == 0
 
 
-def test_inputs_of_a_finished_request_are_not_taken_and_not_prepared():
-    started = []
-
-    def prepare(name):
-        def start():
-            future = Future()
-            started.append((name, future))
-            return future
-        return start
-
-    h = Handoff(early_tiles=4)
-    a = h.put(Handed([1, 2], prepare("a"), tiles=3))  # within the budget: starts at once
-    b = h.put(Handed([1, 2], prepare("b"), tiles=3))  # over it: prepared inside its batch
-    text = h.put(Handed([1]))
-    assert [name for name, _ in started] == ["a"] and h.early_in_use == 3
-    assert h.take(a).started is started[0][1] and h.early_in_use == 0  # taken: the budget is free again
-    h.discard([a, b, text])  # the request is over: nothing left behind
-    assert h.take(b) is None and h.take(text) is None and len(h) == 0
-    c = h.put(Handed([1, 2], prepare("c"), tiles=4))
-    h.discard([c])  # over before its batch: its preparation is cancelled and its budget returned
-    assert started[-1][1].cancelled() and h.early_in_use == 0
-    assert h.take("a key from elsewhere") is None
-
-
 def test_the_queue_wait_cannot_be_set_by_a_client():
     """A direct BentoML client once sent `submitted_at: -1e308` (the fuzzer did) and the queue-wait histogram's sum
-    became +inf for good: the wait now lives in the worker's handoff, not in a field of the item."""
+    became +inf for good: the wait is measured by the engine's queue, never taken from a field of the item."""
     assert {"submitted_at", "ticket"}.isdisjoint(BatchItem.model_fields)
     assert BatchItem.model_validate({"submitted_at": -1e308, "token_ids": [1]}).model_dump(exclude_none=True) == {
         "token_ids": [1], "input_type": "passage"}
@@ -359,32 +333,3 @@ def test_openapi_documents_the_nim_routes_and_merges_into_bentoml():
     assert {"A", "EmbeddingRequest"} <= set(merged["components"]["schemas"])
 
 
-# ---- BentoML's traffic timeout no longer keeps every request alive for 330 s -------------------------------------------
-def test_bentomls_timeout_timers_are_released_with_their_request():
-    import asyncio
-    import gc
-    import inspect
-
-    import service  # noqa: F401 - applies the patch
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    upstream = inspect.getsource(TimeoutMiddleware.__call__.__wrapped__)
-    assert "loop.call_later(self.timeout, self._set_timer_out, waiter)" in upstream  # still arms one per request
-    assert ".cancel()" not in upstream.replace("fut.cancel()", "")  # and still never cancels it: keep the patch
-
-    async def app(scope, receive, send):
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            return await send({"type": "lifespan.shutdown.complete"})
-        await JSONResponse({"ok": True})(scope, receive, send)
-
-    def armed() -> int:
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle) and not o.cancelled()
-                   and getattr(o._callback, "__func__", None) is TimeoutMiddleware._set_timer_out)
-
-    with TestClient(TimeoutMiddleware(app, timeout=300)) as client:
-        for _ in range(5):
-            assert client.get("/").json() == {"ok": True}
-        assert armed() == 0

@@ -1,0 +1,181 @@
+"""The engine's request queue: many callers submit inputs, one thread turns what is pending into forward passes.
+
+    queue = BatchQueue(engine)
+    future = queue.submit(items)        # any thread; a concurrent.futures.Future of one result per item
+    results = future.result()           # an L2-normalised float32 vector, or the exception of that item alone
+
+Batching is continuous, as in text-embeddings-inference: while a batch runs, new requests wait; when it ends the
+thread takes everything pending (up to `max_inputs` inputs and `max_tokens` tokens, whole requests only) into the
+next `Engine.embed` call, which packs those inputs into precompiled buckets. Nothing waits for a batch to fill
+unless `max_wait_s` asks for it, and then only while a batch is in flight or has just ended (an idle server answers
+a lone request at once). A caller that cancels its future before its batch starts takes no room in any pass.
+
+It knows nothing of HTTP: callers map an item's exception to whatever their protocol says.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from engine.engine import Engine, EngineItem
+
+log = logging.getLogger(__name__)
+
+Result = list  # one np.ndarray or Exception per submitted item
+
+
+class QueueObserver(Protocol):
+    """Hooks for metrics."""
+
+    def on_depth(self, inputs: int) -> None: ...  # inputs queued or in the batch running
+    def on_withdrawn(self, inputs: int) -> None: ...  # inputs whose request was cancelled before its batch
+    def on_batch(self, queue_waits: list[float], inputs: int, tokens: int, seconds: float) -> None: ...
+
+
+@dataclasses.dataclass
+class _Request:
+    items: Sequence[EngineItem | Future]
+    tokens: int
+    future: Future
+    submitted_at: float
+
+
+class BatchQueue:
+    def __init__(self, engine: Engine, *, max_inputs: int | None = None, max_tokens: int | None = None,
+                 max_wait_s: float = 0.0, observer: QueueObserver | None = None):
+        """`max_inputs`/`max_tokens`: what one `Engine.embed` call takes (default: two forward passes' worth, so
+        that the host collates the second pass while the device runs the first)."""
+        config = engine.config
+        self.engine = engine
+        self.max_inputs = max_inputs or 2 * config.max_rows
+        self.max_tokens = max_tokens or 2 * max(config.max_batch_tokens, config.max_length)
+        self.max_wait_s = max_wait_s
+        self.observer = observer
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._pending_inputs = 0
+        self._pending_tokens = 0
+        self._depth = 0  # inputs queued or in the running batch
+        self._wake = threading.Condition()
+        self._closed = False
+        self._last_end = 0.0
+        self._thread = threading.Thread(target=self._run, name="batch-queue", daemon=True)
+        self._thread.start()
+
+    # ---- callers ------------------------------------------------------------------------------------------------
+    def submit(self, items: Sequence[EngineItem | Future], tokens: int = 0) -> Future:
+        """Queue one request's inputs (prepared items or futures from `Engine.submit`); `tokens`, its token count
+        if known, sizes batches. Cancel the returned future to withdraw the request before its batch starts."""
+        future: Future = Future()
+        if not items:
+            future.set_result([])
+            return future
+        request = _Request(items, tokens, future, time.perf_counter())
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the batch queue is closed")
+            self._pending.append(request)
+            self._pending_inputs += len(items)
+            self._pending_tokens += tokens
+            self._depth += len(items)
+            depth = self._depth
+            self._wake.notify()
+        if self.observer:
+            self.observer.on_depth(depth)
+        return future
+
+    def __len__(self) -> int:
+        """Inputs waiting for a batch."""
+        return self._pending_inputs
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    # ---- the batch thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._embed(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            if self._closed and not self._pending:
+                return None
+            self._wait_to_fill()
+            batch: list[_Request] = []
+            inputs = tokens = withdrawn = 0
+            while self._pending:
+                request = self._pending[0]
+                n = len(request.items)
+                if batch and (inputs + n > self.max_inputs or tokens + request.tokens > self.max_tokens):
+                    break
+                self._pending.popleft()
+                self._pending_inputs -= n
+                self._pending_tokens -= request.tokens
+                if not request.future.set_running_or_notify_cancel():
+                    withdrawn += n  # the client is gone or timed out: it never reaches the device
+                    continue
+                batch.append(request)
+                inputs += n
+                tokens += request.tokens
+            self._depth -= withdrawn
+        if withdrawn and self.observer:
+            self.observer.on_withdrawn(withdrawn)
+        return batch
+
+    def _wait_to_fill(self) -> None:
+        """Hold a partial batch for up to `max_wait_s` while traffic is flowing (a batch ended moments ago)."""
+        if self.max_wait_s <= 0 or time.perf_counter() - self._last_end > self.max_wait_s:
+            return
+        deadline = self._pending[0].submitted_at + self.max_wait_s
+        while (self._pending_inputs < self.max_inputs and self._pending_tokens < self.max_tokens
+               and not self._closed and (left := deadline - time.perf_counter()) > 0):
+            self._wake.wait(left)
+
+    def _embed(self, batch: list[_Request]) -> None:
+        start = time.perf_counter()
+        items = [item for request in batch for item in request.items]
+        try:
+            results = self.engine.embed(items)
+        except BaseException as e:  # the engine reports per-input failures itself; this is a bug or a dead device
+            log.exception("a batch of %d inputs failed", len(items))
+            for request in batch:
+                request.future.set_exception(e)
+            return
+        finally:
+            self._last_end = time.perf_counter()
+            with self._wake:
+                self._depth -= len(items)
+                depth = self._depth
+            if self.observer:
+                self.observer.on_depth(depth)
+        offset = 0
+        for request in batch:
+            n = len(request.items)
+            request.future.set_result(results[offset:offset + n])
+            offset += n
+        if self.observer:
+            self.observer.on_batch([start - r.submitted_at for r in batch], len(items),
+                                   sum(r.tokens for r in batch), self._last_end - start)
+
+
+def first_error(results: Sequence[np.ndarray | Exception]) -> tuple[int, Exception] | None:
+    """The index and exception of the first failed item, if any."""
+    for i, result in enumerate(results):
+        if isinstance(result, BaseException):
+            return i, result
+    return None
