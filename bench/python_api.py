@@ -3,8 +3,8 @@
     python bench/python_api.py [--size tiny|mid] [--repeats 15]
 
 Workloads: short queries of ~16 tokens, 1, 8 and 64 at a time. The engine path is an `Engine` with the server's
-defaults for this backend (`EngineConfig.for_backend()`) given `EngineItem`s, as serving/runner.py gives them; the
-Python API is `Embedder.embed` on plain dicts. Each side has its own engine and compiles, in one untimed call per
+defaults for this backend (`EngineConfig.for_backend()`) given `EngineItem`s built from the texts, as
+serving/runner.py builds them; the Python API is `Embedder.embed` on plain dicts. Each side has its own engine and compiles, in one untimed call per
 workload, only the buckets that workload uses (neither is warmed up on the whole plan). Rounds alternate the two
 sides so that a slow moment of a shared machine hits both; each figure is the median of its rounds.
 Prints a table, the least cosine between the two sides' vectors, and one ratio per workload (Python API throughput
@@ -44,11 +44,10 @@ def main() -> None:
     for name, n in WORKLOADS.items():
         items = [{"text": text_of_tokens(embedder.prompter, 13, 1000 * n + i), "input_type": "query"}
                  for i in range(n)]
-        engine_items = [EngineItem(text=i["text"], input_type="query") for i in items]
         tokens = sum(len(embedder.prompter.encode(i["text"], 0, "query")) for i in items)
 
-        def by_engine():
-            return np.stack(engine.embed(engine_items))
+        def by_engine():  # from the same texts: a caller of the engine builds its items, as the runner does
+            return np.stack(engine.embed([EngineItem(text=i["text"], input_type="query") for i in items]))
 
         def by_api():
             return embedder.embed(items)

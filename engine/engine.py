@@ -288,19 +288,15 @@ class Engine:
         self.stats.computed_tokens += rows * length
         return out, (key[0], rows, length, len(members), real, key[3] if image else 0)
 
-    def prepare_all(self, items: Sequence[EngineItem | Future | PreparedInput]) -> list[PreparedInput | Exception]:
-        """Every item prepared (a future from `submit` is waited for; a PreparedInput is only checked against the
-        plan): plain text inputs in one tokenizer call here, the rest on the pool meanwhile; a failure sits in its
-        item's slot."""
+    def prepare_all(self, items: Sequence[EngineItem | Future]) -> list[PreparedInput | Exception]:
+        """Every item prepared (a future from `submit` is waited for): plain text inputs in one tokenizer call
+        here, the rest on the pool meanwhile; a failure sits in its item's slot."""
         texts = [i for i, item in enumerate(items) if isinstance(item, EngineItem) and item.text
                  and item.image is None and item.token_ids is None]
-        done = {i: self._fits(item) for i, item in enumerate(items) if isinstance(item, PreparedInput)}
-        elsewhere = set(texts) | set(done)
+        batched = set(texts)
         futures = {i: item if isinstance(item, Future) else self.submit(item)
-                   for i, item in enumerate(items) if i not in elsewhere}
+                   for i, item in enumerate(items) if i not in batched}
         results: list[Any] = [None] * len(items)
-        for i, outcome in done.items():
-            results[i] = outcome
         if texts:
             for i, outcome in zip(texts, self._prepare_texts([items[i] for i in texts])):
                 results[i] = outcome
@@ -308,12 +304,15 @@ class Engine:
             results[i] = _outcome(future)  # waited here, never in the pool
         return results
 
-    def embed(self, items: Sequence[EngineItem | Future | PreparedInput]) -> list[np.ndarray | Exception]:
+    def embed(self, items: Sequence[EngineItem | Future]) -> list[np.ndarray | Exception]:
         """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised.
 
-        An item may be a future from `submit` (preparation already started, e.g. while the previous call ran) or an
-        input `prepare_all` already prepared."""
-        results: list[Any] = self.prepare_all(items)
+        An item may be a future from `submit` (preparation already started, e.g. while the previous call ran)."""
+        return self.run(self.prepare_all(items))
+
+    def run(self, prepared_all: Sequence[PreparedInput | Exception]) -> list[np.ndarray | Exception]:
+        """`embed` for inputs that `prepare_all` prepared: the forward passes; an exception in a slot stays there."""
+        results: list[Any] = list(prepared_all)
         prepared = {i: r for i, r in enumerate(results) if isinstance(r, PreparedInput)}
         launched = []
         for image, indices in self.pack(prepared):

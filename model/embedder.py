@@ -134,17 +134,23 @@ class Embedder:
         """L2-normalised float32 embeddings [n, D], in input order; raises for the first input that cannot be
         embedded (before any forward pass runs). An image may be a PIL image or encoded bytes: the same bytes give
         the same vector as the server."""
-        items = [EmbedInput.of(item) for item in items]
-        if not items:
-            return np.zeros((0, self.config.embedding_size), np.float32)
         from engine import EngineItem
 
-        engine = self.engine
         truncate = Truncate(truncate).value
-        prepared = engine.prepare_all([EngineItem(text=i.text, image=i.image, input_type=i.input_type,
-                                                  truncate=truncate, max_tokens=max_tokens) for i in items])
+        work = []
+        for item in items:  # straight to the engine's items: one object per input, not two
+            if isinstance(item, EmbedInput):
+                text, image, input_type = item.text, item.image, item.input_type
+            else:
+                text, image, input_type = item.get("text"), item.get("image"), item.get("input_type", "passage")
+            work.append(EngineItem(text=text, image=image, input_type=input_type, truncate=truncate,
+                                   max_tokens=max_tokens))
+        if not work:
+            return np.zeros((0, self.config.embedding_size), np.float32)
+        engine = self.engine
+        prepared = engine.prepare_all(work)
         _raise_first(prepared)
-        vectors = engine.embed(prepared)
+        vectors = engine.run(prepared)
         _raise_first(vectors)
         return np.stack(vectors)
 
