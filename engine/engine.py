@@ -1,8 +1,8 @@
 """The engine between the service and the model: it owns the batching policy.
 
 One `embed` call takes the inputs of many requests and:
-1. prepares them on the host in a thread pool (image decode, tiling, tokenisation): a bad input becomes an error
-   in its own slot, never an exception for its batch-mates;
+1. prepares them on the host in a thread pool with the model's processor (image decode, RGB, tiling, tokenisation;
+   the same for every door): a bad input becomes an error in its own slot, never an exception for its batch-mates;
 2. sorts them by length and packs them into forward passes under a padded-token budget, text and image inputs
    apart (text passes never run the vision tower);
 3. pads every pass to a precompiled bucket (`BucketPlan`), so nothing compiles while serving;
@@ -14,7 +14,6 @@ It knows nothing of HTTP.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import threading
@@ -185,15 +184,14 @@ class Engine:
 
     # ---- host side ------------------------------------------------------------------------------------------
     def prepare(self, item: EngineItem) -> PreparedInput:
-        image = item.image
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(image), formats=self.config.image_formats) as decoded:
-                decoded.load()  # the first frame of an animation
-                image = to_rgb(decoded)
+        """One input through the model's processor (model/processor.py: decode, RGB, tiles, prompt, tokens), the
+        one every door uses; the engine adds only the image formats it was told to accept."""
+        processor = self.embedder.processor
+        formats = self.config.image_formats
         if item.token_ids is None:
-            return self.embedder.prepare({"text": item.text, "image": image, "input_type": item.input_type},
-                                         item.truncate, item.max_tokens)
-        return self.embedder.prepared_from_ids(item.token_ids, image)
+            return processor.prepare(item.text, item.image, item.input_type, item.truncate, item.max_tokens,
+                                     image_formats=formats)
+        return processor.prepared_from_ids(item.token_ids, item.image, image_formats=formats)
 
     def submit(self, item: EngineItem | Callable[[], EngineItem]) -> Future:
         """Start preparing one input on the host pool now (a callable is called there first, e.g. to decode its
@@ -210,8 +208,8 @@ class Engine:
     def _prepare_texts(self, items: list[EngineItem]) -> list[PreparedInput | Exception]:
         """Text-only inputs tokenised in one tokenizer call (in parallel, outside the GIL) instead of one pool task
         each; results as `_prepare_safely` gives them."""
-        prepared = self.embedder.prepare_texts([i.text for i in items], [i.input_type for i in items],
-                                               [i.truncate for i in items], [i.max_tokens for i in items])
+        prepared = self.embedder.processor.prepare_texts([i.text for i in items], [i.input_type for i in items],
+                                                         [i.truncate for i in items], [i.max_tokens for i in items])
         return [x if isinstance(x, Exception) else self._fits(x) for x in prepared]
 
     def _fits(self, prepared: PreparedInput) -> PreparedInput | Exception:
@@ -315,7 +313,11 @@ class Engine:
         """One result per item, in order: an L2-normalised float32 vector, or the exception that item raised.
 
         An item may be a future from `submit` (preparation already started, e.g. while the previous call ran)."""
-        results: list[Any] = self.prepare_all(items)
+        return self.run(self.prepare_all(items))
+
+    def run(self, prepared_all: Sequence[PreparedInput | Exception]) -> list[np.ndarray | Exception]:
+        """`embed` for inputs that `prepare_all` prepared: the forward passes; an exception in a slot stays there."""
+        results: list[Any] = list(prepared_all)
         prepared = {i: r for i, r in enumerate(results) if isinstance(r, PreparedInput)}
         launched = []
         for image, indices in self.pack(prepared):
@@ -374,25 +376,6 @@ def _outcome(future: Future) -> PreparedInput | Exception:
         return future.result()
     except CancelledError as e:
         return e
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as an image viewer shows it. Pillow's own `convert("RGB")` would drop transparency (a transparent
-    PNG of black text turns solid black) and clip 16-bit and float greyscale at 255 (mostly white)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" and values.max(initial=0.0) <= 1.0:
-            values = values * 255.0  # floats in [0, 1]
-        elif image.mode != "F" and (image.mode != "I" or values.max(initial=0.0) > 255):
-            values = values / 257.0  # 16-bit: 65535 -> 255
-        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")  # 2-D uint8 -> mode L
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")  # palette and colour-key transparency become alpha too
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 def configure_compilation_cache(directory: str | None) -> None:

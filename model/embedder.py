@@ -3,12 +3,16 @@
     from model import Embedder
     e = Embedder.from_pretrained("nvidia/llama-nemotron-embed-vl-1b-v2", dtype="float32")
     vectors = e.embed([{"text": "what is a b-tree?", "image": None, "input_type": "query"}])
+
+`embed` runs through the same engine (engine/: packing, buckets) and the same processor (model/processor.py) as the
+server, so a vector from here equals the server's for the same input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from model.batching import PreparedInput, collate, round_up
+from model.batching import PreparedInput, collate
 from model.config import ModelConfig
 from model.network import Batch, make_forward
-from model.tiling import num_tiles, tile_image
+from model.processor import ImageSource, Processor
 from model.tokenization import Prompter, Truncate
 from model.weights import load_network
 
@@ -30,7 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class EmbedInput:
     text: str | None = None
-    image: Image.Image | None = None
+    image: Image.Image | bytes | None = None  # a PIL image or encoded bytes (PNG, JPEG, ...)
     input_type: str = "passage"
 
     @classmethod
@@ -56,13 +60,15 @@ class Embedder:
         if self.dtype == "float32" and jax.default_backend() == "gpu":
             # float32 asked for means float32 products, not TensorFloat-32 (GPUs' default for float32 matmuls).
             jax.config.update("jax_default_matmul_precision", "highest")
-        self.max_tiles = max_tiles or self.config.max_dynamic_patch
-        self.prompter = Prompter.from_dir(self.path, self.config)
+        self.processor = Processor(self.config, Prompter.from_dir(self.path, self.config), max_tiles)
+        self.max_tiles = self.processor.max_tiles
         self.graphdef, self.state = load_network(self.path, self.config, dtype=DTYPES[self.dtype],
                                                  attention_implementation=attention_implementation)
         self._forward = make_forward(self.graphdef)
         manifest = self.path / "manifest.json"
         self.manifest: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self._engine = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, dtype: str | None = None, revision: str | None = None,
@@ -72,58 +78,34 @@ class Embedder:
 
         return cls(resolve(path_or_repo_id, revision=revision), dtype=dtype, **kwargs)
 
-    # ---- host side -------------------------------------------------------------------------------------------
+    # ---- host side: the processor, shared with the engine and the server ------------------------------------
+    @property
+    def prompter(self) -> Prompter:
+        return self.processor.prompter
+
     def num_tiles(self, width: int, height: int) -> int:
-        cfg = self.config
-        return num_tiles(width, height, cfg.force_image_size, self.max_tiles, cfg.use_thumbnail)
+        return self.processor.num_tiles(width, height)
 
     @property
     def num_tiles_max(self) -> int:
         """The most tiles one image can become (the grid plus its thumbnail)."""
-        return self.max_tiles + (1 if self.config.use_thumbnail and self.max_tiles > 1 else 0)
+        return self.processor.num_tiles_max
 
-    def tiles(self, image: Image.Image) -> np.ndarray:
-        cfg = self.config
-        return tile_image(image, cfg.force_image_size, self.max_tiles, cfg.use_thumbnail)
+    def tiles(self, image: ImageSource) -> np.ndarray:
+        return self.processor.tiles(image)
 
     def prepare(self, item: EmbedInput | Mapping[str, Any], truncate: Truncate | str = Truncate.NONE,
                 max_tokens: int | None = None) -> PreparedInput:
         """Tile and tokenise one input. Raises InputTooLongError / ValueError for an input that cannot be embedded."""
         item = EmbedInput.of(item)
-        if item.image is None and not item.text:
-            raise ValueError("an input needs text, an image or both")
-        tiles = self.tiles(item.image) if item.image is not None else None
-        ids = self.prompter.encode(item.text, 0 if tiles is None else len(tiles), item.input_type, truncate,
-                                   max_tokens)
-        return PreparedInput(ids, tiles)
+        return self.processor.prepare(item.text, item.image, item.input_type, truncate, max_tokens)
 
     def prepare_texts(self, texts: Sequence[str], input_types: Sequence[str], truncates: Sequence[Truncate | str],
                       max_tokens: Sequence[int | None]) -> list[PreparedInput | Exception]:
-        """`prepare` for many text-only inputs, tokenised in one tokenizer call; a failure sits in its own slot."""
-        encoded = self.prompter.encode_batch(texts, input_types, truncates, max_tokens)
-        return [ids if isinstance(ids, Exception) else PreparedInput(ids) for ids in encoded]
+        return self.processor.prepare_texts(texts, input_types, truncates, max_tokens)
 
-    def prepared_from_ids(self, token_ids, image: Image.Image | None) -> PreparedInput:
-        """An input tokenised elsewhere (by `prompter.encode`): checks the ids and that its image block fits."""
-        try:
-            ids = np.asarray(token_ids, dtype=np.int64)
-        except (OverflowError, ValueError, TypeError):
-            ids = np.asarray([-1])
-        if ids.ndim != 1 or not len(ids):
-            raise ValueError("token_ids must be a non-empty list of integers")
-        if ids.min() < 0 or ids.max() >= self.config.text.vocab_size:
-            raise ValueError(f"token_ids must lie in [0, {self.config.text.vocab_size})")
-        ids = ids.astype(np.int32)
-        tiles = self.tiles(image) if image is not None else None
-        special = self.prompter.special
-        starts = np.flatnonzero(ids == special.img_start)
-        if tiles is not None:
-            block = len(tiles) * self.config.tokens_per_tile
-            at = int(starts[0]) + 1 if len(starts) else -1
-            if at < 0 or at + block > len(ids) or not np.all(ids[at:at + block] == special.img_context):
-                raise ValueError(f"the prompt has no block of {block} image tokens for this image's "
-                                 f"{len(tiles)} tiles")
-        return PreparedInput(ids, tiles)
+    def prepared_from_ids(self, token_ids, image: ImageSource | None) -> PreparedInput:
+        return self.processor.prepared_from_ids(token_ids, image)
 
     # ---- device side -----------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> np.ndarray:
@@ -135,45 +117,52 @@ class Embedder:
                        img_context_id=self.prompter.special.img_context,
                        tokens_per_tile=self.config.tokens_per_tile)
 
-    def embed_prepared(self, inputs: list[PreparedInput], max_batch_tokens: int = 16384) -> np.ndarray:
-        """Embed prepared inputs: sorted by length, packed under a padded-token budget, restored to input order."""
-        out = np.zeros((len(inputs), self.config.embedding_size), np.float32)
-        order = sorted(range(len(inputs)), key=lambda i: inputs[i].num_tokens)
-        group: list[int] = []
+    # ---- the Python API: the server's engine, in this process --------------------------------------------------
+    @property
+    def engine(self):
+        """The engine that `embed` runs through (engine.Engine): the server's packer and bucket plan for this
+        backend, created on first use and not warmed up, so a call compiles only the buckets its inputs need."""
+        with self._engine_lock:
+            if self._engine is None:
+                from engine import Engine, EngineConfig  # the engine imports the model, never the reverse
 
-        def flush() -> None:
-            members = [inputs[i] for i in group]
-            length = round_up(max(p.num_tokens for p in members), 32)
-            rows = 1 << (len(members) - 1).bit_length()
-            tiles = sum(p.num_tiles for p in members)
-            batch = self.collate(members, length=length, rows=rows, tiles=1 << max(tiles - 1, 0).bit_length())
-            out[group] = self.forward(batch)[: len(members)]
-
-        for i in order:
-            longest = max(round_up(inputs[i].num_tokens, 32), 32)
-            if group and (len(group) + 1) * longest > max_batch_tokens:
-                flush()
-                group = []
-            group.append(i)
-        if group:
-            flush()
-        return out
+                self._engine = Engine(self, EngineConfig.for_backend())
+            return self._engine
 
     def embed(self, items: Iterable[EmbedInput | Mapping[str, Any]], truncate: Truncate | str = Truncate.NONE,
               max_tokens: int | None = None) -> np.ndarray:
         """L2-normalised float32 embeddings [n, D], in input order; raises for the first input that cannot be
-        embedded. Text inputs are tokenised in one tokenizer call."""
-        items = [EmbedInput.of(item) for item in items]
-        texts = [i for i, item in enumerate(items) if item.image is None and item.text]
-        batched = dict(zip(texts, self.prepare_texts(
-            [items[i].text for i in texts], [items[i].input_type for i in texts], [truncate] * len(texts),
-            [max_tokens] * len(texts))))
-        prepared = []
-        for i, item in enumerate(items):
-            done = batched.get(i)
-            if isinstance(done, Exception):
-                raise done
-            prepared.append(done if done is not None else self.prepare(item, truncate, max_tokens))
-        if not prepared:
+        embedded (before any forward pass runs). An image may be a PIL image or encoded bytes: the same bytes give
+        the same vector as the server."""
+        from engine import EngineItem
+
+        truncate = Truncate(truncate).value
+        work = []
+        for item in items:  # straight to the engine's items: one object per input, not two
+            if isinstance(item, EmbedInput):
+                text, image, input_type = item.text, item.image, item.input_type
+            else:
+                text, image, input_type = item.get("text"), item.get("image"), item.get("input_type", "passage")
+            work.append(EngineItem(text=text, image=image, input_type=input_type, truncate=truncate,
+                                   max_tokens=max_tokens))
+        if not work:
             return np.zeros((0, self.config.embedding_size), np.float32)
-        return self.embed_prepared(prepared)
+        engine = self.engine
+        prepared = engine.prepare_all(work)
+        _raise_first(prepared)
+        vectors = engine.run(prepared)
+        _raise_first(vectors)
+        return np.stack(vectors)
+
+    def close(self) -> None:
+        """Stop the engine's host threads, if `embed` started them."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+
+def _raise_first(results: Sequence[Any]) -> None:
+    error = next((r for r in results if isinstance(r, Exception)), None)
+    if error is not None:
+        raise error

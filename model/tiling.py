@@ -1,4 +1,4 @@
-"""Dynamic tiling of an image into S×S tiles, exactly as the reference processor does, on the host.
+"""RGB conversion and dynamic tiling of an image into S×S tiles, exactly as the reference processor does, on the host.
 
 Tiles stay uint8 (RGB, channels last): normalisation happens on the device.
 """
@@ -48,9 +48,16 @@ def num_tiles(width: int, height: int, tile_size: int, max_tiles: int, use_thumb
     return n + 1 if use_thumbnail and n > 1 else n
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The reference processor's `image.convert("RGB")`, nothing more: alpha is dropped (not composited), a palette's
+    transparency is ignored, 16-bit greyscale clips at 255, CMYK uses Pillow's formula and EXIF orientation is not
+    applied. Users who want pages flattened on white do it before embedding."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def tile_image(image: Image.Image, tile_size: int, max_tiles: int, use_thumbnail: bool) -> np.ndarray:
     """-> uint8 [n, S, S, 3]: the row-major grid tiles, then the thumbnail when there is more than one."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     cols, rows = choose_grid(image.width, image.height, tile_size, max_tiles)
     resized = np.asarray(image.resize((cols * tile_size, rows * tile_size), Image.BICUBIC))
     s = tile_size

@@ -1,7 +1,9 @@
 """What one input string holds (text, an image, or both) and whether its image is acceptable.
 
 An image travels as a data URL `data:image/<type>;base64,<data>`, bare or inside `<img src="..."/>` (single or double
-quotes). Nothing here fetches a URL, and image checks read only the header: pixels are decoded later, in the runner.
+quotes). Nothing here fetches a URL, and image checks read only the header: this is the edge's policy (formats, bytes,
+dimensions). Pixels are decoded later, on the engine's pool, by the model's processor (model/processor.py): the same
+decode and RGB conversion as the Python API's.
 Errors are `ValueError`s with a message that the caller prefixes with `input[i]: `.
 """
 

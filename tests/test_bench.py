@@ -49,3 +49,12 @@ def test_xla_flags_compares_every_set():
     assert line.startswith("ratio default/(--xla_cpu_enable_fast_min_max=false) time: ")
     for w in ("64 queries ~16 tok", "16 passages ~512 tok", "8 image tiles"):
         assert re.search(re.escape(w) + r" [0-9.]+x", line)
+
+
+@pytest.mark.slow
+def test_python_api_bench_compares_both_paths():
+    out = run("python_api.py", "--repeats", "2")
+    workloads = ("1 query ~16 tok", "8 queries ~16 tok", "64 queries ~16 tok")
+    assert set(ratios(out)) == {f"Python API/engine path throughput, {w}" for w in workloads}
+    rows = [row for row in out.splitlines() if row.startswith(tuple(f"| {w} |" for w in workloads))]
+    assert len(rows) == 3 and min(float(row.split("|")[-2]) for row in rows) >= 0.9999  # the same vectors

@@ -21,6 +21,7 @@ from PIL import Image
 
 from serving.encoding import decode
 from tests.service_fixtures import MODEL_ID, SERVER_ENV, png_header_only
+from tests.test_image_modes import CASES as IMAGE_MODES
 from tests.test_service_http import SMALL, WIDE, assert_error, data_url, image_bytes, noise_image
 
 LIMIT = int(SERVER_ENV["EMBED_MAX_BODY_BYTES"])
@@ -148,23 +149,15 @@ def test_animated_images_use_their_first_frame(client):
                                    atol=1e-6, err_msg=fmt)
 
 
-def test_image_modes_are_converted_as_a_viewer_shows_them(client):
-    grey16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))  # 16-bit ramp
-    grey8 = Image.fromarray(np.rint(np.asarray(grey16) / 257).astype(np.uint8)).convert("RGB")
-    np.testing.assert_allclose(vector(client, b64_url(encoded(grey16, "PNG"))),
-                               vector(client, b64_url(encoded(grey8, "PNG"))), atol=1e-6)
-    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: the paper shows, not black
-    white = Image.new("RGB", (64, 64), (255, 255, 255))
-    np.testing.assert_allclose(vector(client, b64_url(encoded(clear, "PNG"))),
-                               vector(client, b64_url(encoded(white, "PNG"))), atol=1e-6)
-    palette = SMALL.convert("P", palette=Image.Palette.ADAPTIVE)
-    np.testing.assert_allclose(vector(client, b64_url(encoded(palette, "PNG"))),
-                               vector(client, b64_url(encoded(palette.convert("RGB"), "PNG"))), atol=1e-6)
-    cmyk = encoded(SMALL.convert("CMYK"), "TIFF")  # lossless: the conversion alone is compared
-    with Image.open(io.BytesIO(cmyk)) as im:
-        assert im.mode == "CMYK"
-        as_rgb = encoded(im.convert("RGB"), "PNG")
-    np.testing.assert_allclose(vector(client, b64_url(cmyk, "tiff")), vector(client, b64_url(as_rgb)), atol=1e-6)
+@pytest.mark.parametrize("mode", list(IMAGE_MODES))
+def test_every_image_mode_gives_the_python_apis_vector(client, tiny_embedder, mode):
+    """The same bytes, the same pixels (the reference processor's convert("RGB")) through HTTP and the Python API;
+    tests/test_image_modes.py checks both against the PyTorch reference."""
+    raw, _ = IMAGE_MODES[mode]
+    served = vector(client, b64_url(raw, "jpeg" if "JPEG" in mode else "png"))
+    [local] = tiny_embedder.embed([{"image": raw}])
+    assert float(served @ local) >= 0.99999
+    np.testing.assert_allclose(served, local, atol=1e-5)
 
 
 def test_image_urls_are_refused_and_never_fetched(client):

@@ -200,40 +200,37 @@ def test_texts_are_capped_before_tokenising(tiny_embedder):
     assert seen and max(seen) < (limit + CUT_MARGIN_TOKENS + 1) * per_token  # never the 100 MB
 
 
-# ---- image modes become the RGB a viewer shows -------------------------------------------------------------------------
-def _reopen(image: Image.Image, fmt: str, **kwargs) -> Image.Image:
+# ---- image modes become the RGB the reference processor makes: Pillow's convert("RGB") ------------------------------
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return buf.getvalue()
 
 
-def test_image_modes_convert_as_a_viewer_shows_them():
-    from engine.engine import to_rgb
+def test_image_modes_convert_as_the_reference_processor_does():
+    from model.processor import load_image
 
-    def pixel(image):
-        image.load()
-        return tuple(np.asarray(to_rgb(image))[0, 0])
+    def pixel(source):
+        return tuple(int(v) for v in np.asarray(load_image(source))[0, 0])
 
-    sixteen = _reopen(Image.fromarray(np.full((4, 4), 32896, np.uint16)), "PNG")  # mid grey in 16 bits
-    assert sixteen.mode.startswith("I;16") and pixel(sixteen) == (128, 128, 128)  # Pillow alone: 255 (clipped)
-    assert pixel(_reopen(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG")) == (255, 255, 255)  # transparent: paper
-    assert pixel(_reopen(Image.new("RGBA", (4, 4), (0, 0, 0, 255)), "PNG")) == (0, 0, 0)
-    assert pixel(_reopen(Image.new("LA", (4, 4), (0, 128)), "PNG")) in {(127, 127, 127), (128, 128, 128)}
+    sixteen = _encoded(Image.fromarray(np.full((4, 4), 32896, np.uint16)), "PNG")  # mid grey in 16 bits
+    assert pixel(sixteen) == (255, 255, 255)  # clipped at 255, as Pillow and so the reference do
+    assert pixel(_encoded(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG")) == (0, 0, 0)  # alpha dropped
+    assert pixel(_encoded(Image.new("LA", (4, 4), (0, 128)), "PNG")) == (0, 0, 0)
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    assert pixel(_reopen(palette, "PNG")) == (255, 0, 0)
-    assert pixel(_reopen(palette, "PNG", transparency=1)) == (255, 255, 255)  # its only colour is transparent
-    cmyk = _reopen(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
-    assert cmyk.mode == "CMYK" and np.allclose(pixel(cmyk), (255, 0, 0), atol=8)
-    assert pixel(_reopen(Image.new("1", (4, 4), 1), "PNG")) == (255, 255, 255)
-    assert pixel(Image.fromarray(np.full((4, 4), 0.5, np.float32))) == (128, 128, 128)  # float in [0, 1]
+    assert pixel(_encoded(palette, "PNG", transparency=1)) == (255, 0, 0)  # transparency ignored
+    cmyk = _encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
+    assert np.allclose(pixel(cmyk), (255, 0, 0), atol=8)
+    assert pixel(_encoded(Image.new("1", (4, 4), 1), "PNG")) == (255, 255, 255)
+    floats = Image.fromarray(np.full((4, 4), 0.5, np.float32))
+    assert pixel(floats) == tuple(np.asarray(floats.convert("RGB"))[0, 0])
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    animated = Image.open(io.BytesIO(buf.getvalue()))
-    assert animated.n_frames == 2
-    animated.seek(0)
+    animated = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(animated)).n_frames == 2
     assert pixel(animated) == (255, 0, 0)  # the first frame
+    with pytest.raises(Image.UnidentifiedImageError):  # the formats the caller allows, no other decoder
+        load_image(_encoded(frames[0], "BMP"), formats=("PNG",))
 
 
 # ---- a failed forward pass is retried in halves ------------------------------------------------------------------------
