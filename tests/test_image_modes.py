@@ -153,8 +153,8 @@ def served(tiny_embedder):
 
     def embed(raw: bytes, fmt: str) -> np.ndarray:
         url = f"data:image/{fmt};base64,{base64.b64encode(raw).decode()}"
-        item = prepare_item(parse_input(url, None), None, "NONE", tiny_embedder, settings)
-        [vector] = runner.run([runner.handed(item.token_ids, item.image)])
+        token_ids, image = prepare_item(parse_input(url, None), None, "NONE", tiny_embedder, settings)
+        [vector] = runner.embed_sync([(token_ids, image)])
         assert isinstance(vector, np.ndarray), vector
         return vector
 
