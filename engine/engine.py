@@ -388,11 +388,3 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")  # palette and colour-key transparency become alpha too
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def configure_compilation_cache(directory: str | None) -> None:
-    """A persistent XLA cache: the second start of a server loads its executables instead of compiling them."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
