@@ -88,7 +88,7 @@ class Report:
         lines = [
             f"embedded {self.items} items ({self.texts} texts, {self.images} images, {self.pages} PDF pages) "
             f"in {self.seconds:.1f} s: {self.items_per_s:.1f} items/s",
-            f"skipped {self.skipped} already indexed, {self.duplicates} duplicate ids; {self.failed} failed; "
+            f"skipped {self.skipped} already indexed, {self.duplicates} given twice; {self.failed} failed; "
             f"{self.requests} requests, {self.retries} retries",
             f"index: {self.output}" + (f" ({self.dimensions}-d)" if self.dimensions else "") + f", model {self.model}",
         ]

@@ -545,7 +545,8 @@ def test_ctrl_c_stores_what_is_done_and_the_rerun_resumes(fake, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["interrupted"] is True and stdout.startswith("interrupted\nembedded")
     done = report["items"]
-    assert 6 <= done < n  # three requests of two were answered before the signal, and not all of them
+    # With one request in flight, the third reaches the server only once the second answer was recorded.
+    assert 4 <= done < n
     ids = pq.read_table(out).column("id").to_pylist()
     assert len(ids) == done == len(set(ids))  # everything embedded was written, once
     assert not list(out.glob(".*.tmp"))
