@@ -50,7 +50,7 @@ from serving.http import NimErrorShape, discard_body, error_response, nim_app, r
 from serving.inputs import PILLOW_FORMATS, limit_pillow_pixels
 from serving.lifecycle import Background, stop_listening
 from serving.metrics import get_metrics, render
-from serving.preflight import preflight
+from serving.preflight import preflight, preflight_download
 from serving.prepare import ModelInput, complete_item, model_input_type, prepare_request
 from serving.runner import Runner
 from serving.schemas import BatchItem, BatchResult, EmbeddingRequest, ItemError, parse_embedding_request
@@ -210,6 +210,10 @@ class NemotronEmbed:
         get_metrics()  # registers the series (and the JAX compilation listener) before the warm-up compiles
         self.draining = False
         self.model = Background(self._load, delay_s=SETTINGS.startup_delay_s).start()
+
+    @bentoml.on_deployment
+    def _check_model() -> None:  # `bentoml serve`'s parent process, before any worker (not `bentoml build`)
+        preflight_download(SETTINGS.model, SETTINGS.model_revision)
 
     @bentoml.on_startup
     def _drain_on_sigterm(self) -> None:

@@ -18,8 +18,52 @@ def cache_root() -> Path:
     return Path(root)
 
 
+# What to do instead of downloading: where this message goes (library, server), both work.
+LOCAL_HINT = ("Use a local checkpoint directory in place of the Hub id (convert one where the Hub is reachable: "
+              "python -m conversion {repo_id} OUT), or, for a trial without the real weights, a random one: "
+              "python -m conversion.random_checkpoint /tmp/tiny --size tiny --dtype float32")
+
+
 class ModelNotFoundError(RuntimeError):
     pass
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a Hub error, in one line (huggingface_hub wraps the connection error twice)."""
+    seen: set[int] = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def check_obtainable(repo_id: str, revision: str | None = None, timeout_s: float = 10.0) -> None:
+    """Raise ModelNotFoundError at once, in one line, unless the Hub model is in the local Hugging Face cache or
+    can be downloaded now (one metadata request; nothing is downloaded). For a server, before it starts: offline
+    or with the Hub unreachable, the download would only fail later, inside a worker."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        return
+    except LocalEntryNotFoundError:
+        pass
+    except HFValidationError as e:
+        raise ModelNotFoundError(f"{repo_id!r} is neither a local directory nor a Hugging Face repo id") from e
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{repo_id!r} is not in the local Hugging Face cache and downloads are off "
+                                 f"(HF_HUB_OFFLINE=1)")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=timeout_s)
+    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError) as e:  # the Hub answered: no
+        raise ModelNotFoundError(f"cannot download {repo_id!r} (revision {revision or 'main'}) from "
+                                 f"{constants.ENDPOINT}: {str(e).strip().splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - no answer: the HTTP client's own errors (its package varies by version)
+        raise ModelNotFoundError(f"{repo_id!r} is not in the local Hugging Face cache and the Hub "
+                                 f"({constants.ENDPOINT}) is unreachable ({_reason(e)})") from e
 
 
 def download(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
@@ -33,9 +77,8 @@ def download(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
         raise ModelNotFoundError(
-            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable and the model is not in the local "
-            f"cache. Download it where the Hub is reachable (python -m conversion {repo_id} OUT) and set "
-            f"EMBED_MODEL to the converted directory.") from e
+            f"cannot download {repo_id!r}: the Hugging Face Hub is unreachable ({_reason(e)}) and the model is not "
+            f"in the local cache. {LOCAL_HINT.format(repo_id=repo_id)}") from e
     except HFValidationError as e:
         raise ModelNotFoundError(f"{repo_id!r} is neither a local directory nor a Hugging Face repo id") from e
     except (HfHubHTTPError, OSError) as e:

@@ -376,11 +376,3 @@ def _outcome(future: Future) -> PreparedInput | Exception:
         return future.result()
     except CancelledError as e:
         return e
-
-
-def configure_compilation_cache(directory: str | None) -> None:
-    """A persistent XLA cache: the second start of a server loads its executables instead of compiling them."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -7,11 +7,11 @@ Modules: sources (what to embed: images, PDF pages, texts), client (servers, ret
 embed (the pipeline and its report), search (cosine top-k). See the README, "Indexing documents".
 """
 
-from indexer.client import RequestFailed, ServerPool
+from indexer.client import HostNotFound, RequestFailed, ServerPool
 from indexer.embed import EmbedOptions, Report, run_embed
 from indexer.search import search
-from indexer.sources import Item, discover
+from indexer.sources import Item, corpus_root, discover
 from indexer.store import PartStore, read_index
 
-__all__ = ["EmbedOptions", "Item", "PartStore", "Report", "RequestFailed", "ServerPool", "discover", "read_index",
-           "run_embed", "search"]
+__all__ = ["EmbedOptions", "HostNotFound", "Item", "PartStore", "Report", "RequestFailed", "ServerPool", "corpus_root",
+           "discover", "read_index", "run_embed", "search"]

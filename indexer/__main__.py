@@ -1,5 +1,9 @@
 """python -m indexer embed INPUT... --output INDEX [--server URL ...]
-python -m indexer search --index INDEX [--server URL] "query" [-k 5]"""
+python -m indexer search --index INDEX [--server URL] "query" [-k 5]
+
+Exit status of `embed`: 0 done, 1 an error stopped it (or id collisions: nothing embedded), 2 some items failed
+(a rerun retries them), 130 interrupted by Ctrl-C (what was embedded is stored; a rerun resumes).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import sys
 from pathlib import Path
 
 from indexer.client import RequestFailed
-from indexer.embed import EmbedOptions, run_embed, write_report
+from indexer.embed import EmbedOptions, Report, run_embed, write_report
 from indexer.search import search
 from indexer.sources import DEFAULT_MAX_SIDE, SourceError
 
@@ -60,6 +64,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=_positive, default=4, help="threads preparing images (default 4)")
     e.add_argument("--id-field", default="id", help="id field of JSONL/Parquet texts (default id)")
     e.add_argument("--text-field", default="text", help="text field of JSONL/Parquet texts (default text)")
+    e.add_argument("--root", type=Path,
+                   help="file ids are paths relative to this directory (default: the root recorded in the index "
+                        "when resuming, else the deepest directory holding every directory, image and PDF input)")
+    e.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="when one id names different items (two JSONL records, ...), keep the first and go on; "
+                        "default: report them and stop before embedding anything (exit status 1)")
     e.add_argument("--report", type=Path, help="also write the final report as JSON to this file")
     bar = e.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -99,12 +109,33 @@ def _embed(args: argparse.Namespace, servers: list[str]) -> int:
                         concurrency=args.concurrency, chunk_size=args.chunk_size, max_side=args.max_side,
                         max_retries=args.max_retries, timeout_s=args.timeout, workers=args.workers,
                         id_field=args.id_field, text_field=args.text_field, api_key=args.api_key,
-                        progress=args.progress)
-    report = asyncio.run(run_embed(args.inputs, opts))
-    print(report.summary())
-    if args.report:
-        write_report(report, args.report)
+                        progress=args.progress, root=args.root, allow_duplicate_ids=args.allow_duplicate_ids)
+    report = Report(output=str(args.output))
+    try:
+        # On Ctrl-C asyncio.run cancels the run, which stores what was embedded, then raises KeyboardInterrupt.
+        asyncio.run(run_embed(args.inputs, opts, report))
+    except KeyboardInterrupt:
+        report.interrupted = True
+        _finish(report, args.report)
+        print(f"interrupted: {report.items} items embedded by this run are stored in {args.output}; run the same "
+              f"command again to resume (ids already in the index are skipped)", file=sys.stderr)
+        return 130
+    except RequestFailed:
+        if report.items:
+            _finish(report, args.report)
+        raise
+    _finish(report, args.report)
+    if report.collisions and not args.allow_duplicate_ids:
+        print(f"error: {len(report.collisions)} ids name more than one item; make the ids unique, or pass "
+              f"--allow-duplicate-ids to keep the first item of each", file=sys.stderr)
+        return 1
     return 0 if report.failed == 0 else 2
+
+
+def _finish(report: Report, path: Path | None) -> None:
+    print(report.summary(), flush=True)
+    if path:
+        write_report(report, path)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Embedding servers: pick the least busy one, retry what is worth retrying, honour Retry-After.
 
-Retried: 408, 429, 502, 503, 504 and connection errors, with exponential backoff and jitter, or after the
-server's `Retry-After` (seconds or an HTTP date). A server that asked to wait is not sent anything until then;
-the others take the retry meanwhile. Other errors raise `RequestFailed` with the server's message.
+Retried: 408, 429, 502, 503, 504 and connection errors (refused, reset, timed out), with exponential backoff and
+jitter, or after the server's `Retry-After` (seconds or an HTTP date). A server that asked to wait is not sent
+anything until then; the others take the retry meanwhile. Other errors raise `RequestFailed` with the server's
+message. A host name that does not resolve raises `HostNotFound` at once: a misspelt or unreachable name does not
+start resolving in the seconds a backoff waits, and retrying it would only delay the error.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import email.utils
 import itertools
 import random
+import socket
 import time
 from typing import Any, Sequence
 
@@ -31,12 +34,17 @@ class RequestFailed(Exception):
         self.url = url
 
 
+class HostNotFound(RequestFailed):
+    """The server's host name does not resolve (DNS): not retried."""
+
+
 @dataclasses.dataclass
 class Server:
     url: str  # base URL, without /v1
     in_flight: int = 0
-    requests: int = 0  # answered, any status
-    errors: int = 0  # retryable failures (status or connection)
+    # By request path ("/v1/embeddings", "/v1/models"), so that a report on one path adds up.
+    requests: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # answered
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # retryable failures
     not_before: float = 0.0  # monotonic time before which it asked not to be called
 
 
@@ -54,14 +62,22 @@ class ServerPool:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
-        self.retries = 0
-        self.requests_by_path: collections.Counter[str] = collections.Counter()  # answered, any status
+        self.retries_by_path: collections.Counter[str] = collections.Counter()
         self._slots = asyncio.Semaphore(concurrency)
         self._turn = itertools.count()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers,
             limits=httpx.Limits(max_connections=concurrency + len(self.servers), max_keepalive_connections=concurrency))
+
+    @property
+    def retries(self) -> int:
+        return sum(self.retries_by_path.values())
+
+    @property
+    def requests_by_path(self) -> collections.Counter[str]:
+        """Requests answered (any status), over all servers."""
+        return sum((s.requests for s in self.servers), collections.Counter())
 
     async def __aenter__(self) -> ServerPool:
         return self
@@ -100,26 +116,28 @@ class ServerPool:
         async with self._slots:
             for attempt in range(self.max_retries + 1):
                 if attempt:
-                    self.retries += 1
+                    self.retries_by_path[path] += 1
                 server = await self._server(avoid=server)
                 server.in_flight += 1
                 try:
                     response = await self._http.request(method, server.url + path, json=json)
                 except httpx.TransportError as e:
-                    server.errors += 1
+                    if _unresolvable(e):
+                        raise HostNotFound(None, f"cannot resolve the server's host name ({e}): check the URL",
+                                           server.url) from e
+                    server.errors[path] += 1
                     last = RequestFailed(None, f"{type(e).__name__}: {e}", server.url)
                     server.not_before = time.monotonic() + self._backoff(attempt)
                     continue
                 finally:
                     server.in_flight -= 1
-                server.requests += 1
-                self.requests_by_path[path] += 1
+                server.requests[path] += 1
                 if response.status_code == 200:
                     return response.json()
                 failure = RequestFailed(response.status_code, _message(response), server.url)
                 if response.status_code not in RETRYABLE:
                     raise failure
-                server.errors += 1
+                server.errors[path] += 1
                 last = failure
                 delay = _retry_after(response)
                 server.not_before = time.monotonic() + min(
@@ -149,6 +167,19 @@ class ServerPool:
             raise RequestFailed(200, f"{len(data)} embeddings for {len(inputs)} inputs")
         vectors = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
         return vectors.astype(np.float32, copy=False), int(answer.get("usage", {}).get("total_tokens", 0))
+
+
+def _unresolvable(error: BaseException) -> bool:
+    """Whether a transport error comes from name resolution (httpx wraps httpcore's error, which wraps the
+    socket.gaierror of getaddrinfo)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, socket.gaierror):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _base_url(url: str) -> str:

@@ -5,6 +5,11 @@ Batches of `batch_size` items go to the servers with at most `concurrency` reque
 thread pool while earlier batches are on the wire. A request refused because of one input (400, 413, 500) is sent
 again without it (the server names the input: `input[i]: ...`, else the batch is halved), so one bad file costs
 itself only; it is reported as a failure and retried by the next run.
+
+Ids must name one item each: two items with one id from different places (two JSONL records, a text id equal to
+a file's path) stop the run before anything is sent, unless `allow_duplicate_ids` keeps the first of each. A run
+that is cancelled (Ctrl-C in `python -m indexer`) stops sending, writes what was embedded, and leaves its report
+marked `interrupted`: running again resumes.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from indexer.client import RequestFailed, ServerPool
-from indexer.sources import DEFAULT_MAX_SIDE, Item, close_pdfs, discover, payload
+from indexer.client import HostNotFound, RequestFailed, ServerPool
+from indexer.sources import DEFAULT_MAX_SIDE, Item, close_pdfs, corpus_root, discover, payload
 from indexer.store import PartStore
 
 ITEM_FAULT = frozenset({400, 413, 422, 500})  # statuses a single input can cause: isolate it
@@ -45,6 +50,10 @@ class EmbedOptions:
     text_field: str = "text"
     api_key: str | None = None
     progress: bool | None = None  # None: when stderr is a terminal
+    root: Path | None = None  # file ids are paths relative to it; None: recorded in the index, else the inputs'
+    allow_duplicate_ids: bool = False  # keep the first item of an id seen in several places instead of stopping
+
+ROOT_KEY = "indexer.root"  # index metadata: the corpus root of the first run, kept by the runs that resume it
 
 
 @dataclasses.dataclass
@@ -56,7 +65,7 @@ class Report:
     images: int = 0
     pages: int = 0  # PDF pages (counted in items, not in images)
     skipped: int = 0  # already in the index
-    duplicates: int = 0  # ids seen twice in the inputs: the first one wins
+    duplicates: int = 0  # the same item reached twice (e.g. a file and its directory given): counted once
     failed: int = 0
     retries: int = 0
     requests: int = 0  # POST /v1/embeddings answered (any status, retries included)
@@ -65,7 +74,11 @@ class Report:
     items_per_s: float = 0.0
     dimensions: int | None = None
     parts_written: int = 0
-    servers: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    root: str | None = None  # the corpus root that file ids are relative to
+    interrupted: bool = False  # stopped before the end (Ctrl-C): what was embedded is stored, a rerun resumes
+    servers: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # embedding requests, per server
+    # One id in two places: {"id", "first", "other"}. Nothing is embedded unless allow_duplicate_ids.
+    collisions: list[dict[str, str]] = dataclasses.field(default_factory=list)
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,10 +88,17 @@ class Report:
         lines = [
             f"embedded {self.items} items ({self.texts} texts, {self.images} images, {self.pages} PDF pages) "
             f"in {self.seconds:.1f} s: {self.items_per_s:.1f} items/s",
-            f"skipped {self.skipped} already indexed, {self.duplicates} duplicate ids; {self.failed} failed; "
+            f"skipped {self.skipped} already indexed, {self.duplicates} given twice; {self.failed} failed; "
             f"{self.requests} requests, {self.retries} retries",
             f"index: {self.output}" + (f" ({self.dimensions}-d)" if self.dimensions else "") + f", model {self.model}",
         ]
+        if self.interrupted:
+            lines.insert(0, "interrupted")
+        if self.collisions:
+            lines.append(f"{len(self.collisions)} id collisions (one id naming different items):")
+            lines += [f"  id {c['id']!r}: {c['first']} and {c['other']}" for c in self.collisions[:20]]
+            if len(self.collisions) > 20:
+                lines.append(f"  ... and {len(self.collisions) - 20} more (see the JSON report)")
         lines += [f"  failed {f['id']}: {f['error']}" for f in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more (see the JSON report)")
@@ -117,7 +137,7 @@ class _Run:
                                                         modality=[item.modality for item in items])
             except RequestFailed as e:
                 if e.status not in ITEM_FAULT:
-                    if e.status in (None, 408, 429, 502, 503, 504):  # retries exhausted: a failure, next run retries
+                    if not isinstance(e, HostNotFound) and e.status in (None, 408, 429, 502, 503, 504):  # retries exhausted: a failure, next run retries
                         for item in items:
                             self.fail(item.id, item.source, str(e))
                         self.progress.update(len(items))
@@ -163,16 +183,21 @@ def _prepare(item: Item, max_side: int) -> tuple[str | None, str | None]:
         return None, f"cannot read: {type(e).__name__}: {e}"
 
 
-def _pending(inputs: Sequence[str | Path], opts: EmbedOptions, done: set[str], report: Report | None,
-             on_error) -> Iterator[Item]:
-    """The items not in the index yet, each id once (counted in the report when one is given)."""
-    seen: set[str] = set()
-    for item in discover(inputs, id_field=opts.id_field, text_field=opts.text_field, on_error=on_error):
-        if item.id in seen:
-            if report is not None:
+def _pending(inputs: Sequence[str | Path], opts: EmbedOptions, root: Path | None, done: set[str],
+             report: Report | None, on_error, collisions: list[dict[str, str]] | None = None) -> Iterator[Item]:
+    """The items not in the index yet, each id once: the first item of an id wins (counted in the report when one
+    is given; a later item of that id from another place goes to `collisions`)."""
+    seen: dict[str, tuple[tuple, str]] = {}
+    for item in discover(inputs, id_field=opts.id_field, text_field=opts.text_field, on_error=on_error, root=root):
+        first = seen.get(item.id)
+        if first is not None:
+            if first[0] != item.origin:
+                if collisions is not None:
+                    collisions.append({"id": item.id, "first": first[1], "other": item.where()})
+            elif report is not None:
                 report.duplicates += 1
             continue
-        seen.add(item.id)
+        seen[item.id] = (item.origin, item.where())
         if item.id in done:
             if report is not None:
                 report.skipped += 1
@@ -180,21 +205,44 @@ def _pending(inputs: Sequence[str | Path], opts: EmbedOptions, done: set[str], r
         yield item
 
 
-async def run_embed(inputs: Sequence[str | Path], opts: EmbedOptions) -> Report:
-    """Embed what the index at opts.output lacks; returns the report (also when interrupted by an error)."""
+async def run_embed(inputs: Sequence[str | Path], opts: EmbedOptions, report: Report | None = None) -> Report:
+    """Embed what the index at opts.output lacks; returns the report, filled in also when an error stops the run.
+    Pass a `report` to have it when the run is cancelled: the cancellation propagates, with everything embedded
+    so far stored and the report marked `interrupted`."""
     from tqdm.auto import tqdm
 
     started = time.monotonic()
-    report = Report(output=str(opts.output))
+    report = report if report is not None else Report(output=str(opts.output))
+    report.output = str(opts.output)
+    try:
+        await _embed(inputs, opts, report, started, tqdm)
+    except asyncio.CancelledError:
+        report.interrupted = True
+        raise
+    return report
+
+
+async def _embed(inputs: Sequence[str | Path], opts: EmbedOptions, report: Report, started: float, tqdm) -> None:
     async with ServerPool(opts.servers, concurrency=opts.concurrency, timeout_s=opts.timeout_s,
                           max_retries=opts.max_retries, api_key=opts.api_key) as pool:
         report.model = opts.model or await pool.model_id()
         store = PartStore(opts.output, chunk_size=opts.chunk_size,
                           metadata={"indexer.model": report.model, "indexer.input_type": "passage"})
+        root = corpus_root(inputs, opts.root, store.recorded(ROOT_KEY))
+        if root is not None:
+            store.set_metadata(ROOT_KEY, str(root))
+            report.root = str(root)
         done = store.ids()
-        # First pass: count the work for the progress bar (and find unreadable inputs once).
+        # First pass: count the work for the progress bar, find unreadable inputs and id collisions once.
         discovery_errors: list[tuple[str, str, str]] = []
-        total = sum(1 for _ in _pending(inputs, opts, done, None, lambda *e: discovery_errors.append(e)))
+        total = 0
+        for _ in _pending(inputs, opts, root, done, None, lambda *e: discovery_errors.append(e), report.collisions):
+            total += 1
+            if total % 1024 == 0:
+                await asyncio.sleep(0)  # a long discovery still answers Ctrl-C
+        if report.collisions and not opts.allow_duplicate_ids:
+            _totals(report, pool, store, started)
+            return
         disable = None if opts.progress is None else not opts.progress
         with tqdm(total=total, unit="item", desc="embedding", disable=disable, file=sys.stderr) as progress:
             run = _Run(opts, pool, store, report, progress)
@@ -204,7 +252,7 @@ async def run_embed(inputs: Sequence[str | Path], opts: EmbedOptions) -> Report:
             workers = [asyncio.create_task(run.worker(queue)) for _ in range(opts.concurrency)]
             try:
                 batch: list[Item] = []
-                for item in _pending(inputs, opts, done, report, lambda *e: None):
+                for item in _pending(inputs, opts, root, done, report, lambda *e: None):
                     batch.append(item)
                     if len(batch) == opts.batch_size:
                         await _put(queue, batch, workers)
@@ -221,13 +269,19 @@ async def run_embed(inputs: Sequence[str | Path], opts: EmbedOptions) -> Report:
                 store.flush()  # everything embedded so far, also when the run stops on an error
                 run.threads.shutdown(wait=False, cancel_futures=True)
                 close_pdfs()
-                report.parts_written = store.parts_written
-                report.retries = pool.retries
-                report.requests = pool.requests_by_path["/v1/embeddings"]
-                report.servers = {s.url: {"requests": s.requests, "errors": s.errors} for s in pool.servers}
-                report.seconds = round(time.monotonic() - started, 3)
-                report.items_per_s = round(report.items / report.seconds, 3) if report.seconds > 0 else 0.0
-    return report
+                _totals(report, pool, store, started)
+
+
+def _totals(report: Report, pool: ServerPool, store: PartStore, started: float) -> None:
+    """The request counts of POST /v1/embeddings only, in the total and per server alike, so that they add up
+    (the model lookup is not an embedding request)."""
+    path = "/v1/embeddings"
+    report.parts_written = store.parts_written
+    report.retries = pool.retries_by_path[path]
+    report.requests = sum(s.requests[path] for s in pool.servers)
+    report.servers = {s.url: {"requests": s.requests[path], "errors": s.errors[path]} for s in pool.servers}
+    report.seconds = round(time.monotonic() - started, 3)
+    report.items_per_s = round(report.items / report.seconds, 3) if report.seconds > 0 else 0.0
 
 
 async def _put(queue: asyncio.Queue, batch, workers: list[asyncio.Task]) -> None:

@@ -1,9 +1,14 @@
 """What to embed: images, PDF pages and texts, found in the inputs and turned into request payloads.
 
 An input is a directory (its images and PDFs, recursively), an image or PDF file, or a JSONL / Parquet file of
-texts. Ids: an image's path relative to the directory given (its name when the file itself was given), a PDF page
-`path#page=N` (N from 1), a text's own `id` field. Images are sent as PNG data URLs, scaled down so that their
-long side is at most `max_side`; PDF pages are rendered with pypdfium2 at exactly that long side.
+texts. Ids: an image's path relative to the corpus root, a PDF page `path#page=N` (N from 1), a text's own `id`
+field. The corpus root is `root` when given, else the deepest directory that holds every directory and image/PDF
+input (the directory itself when there is one), so `a/report.pdf` and `b/report.pdf` keep distinct ids. A path is
+readable in search results and stays the same across runs, which is what resuming needs; the indexer records the
+root in the index so that later runs keep it (`corpus_root`). Two items with one id are a collision only when they
+come from different places (another file, page or record); the same file given twice is a plain duplicate.
+Images are sent as PNG data URLs, scaled down so that their long side is at most `max_side`; PDF pages are
+rendered with pypdfium2 at exactly that long side.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -35,10 +41,23 @@ class Item:
     text: str | None = None  # texts
     path: Path | None = None  # images and PDFs
     page: int | None = None  # PDF pages: 0-based index
+    record: int | None = None  # texts: record number in their file, from 1
 
     @property
     def is_page(self) -> bool:
         return self.page is not None
+
+    @property
+    def origin(self) -> tuple[str, int | None, int | None]:
+        """Where it comes from: two items with one id and different origins are an id collision."""
+        return os.path.abspath(self.source), self.page, self.record
+
+    def where(self) -> str:
+        if self.page is not None:
+            return f"{self.source} page {self.page + 1}"
+        if self.record is not None:
+            return f"{self.source} record {self.record}"
+        return self.source
 
 
 class SourceError(ValueError):
@@ -46,10 +65,52 @@ class SourceError(ValueError):
 
 
 # ---- discovery ------------------------------------------------------------------------------------------------------
+def _file_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """The inputs whose items get path ids (directories, images, PDFs), absolute; texts carry their own ids."""
+    found = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir() or (path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES):
+            found.append(Path(os.path.abspath(path)))
+    return found
+
+
+def corpus_root(inputs: Sequence[str | Path], root: str | Path | None = None,
+                recorded: str | None = None) -> Path | None:
+    """The directory that file ids are relative to: `root` if given, else the one recorded in an index being
+    resumed, else the deepest directory holding every directory/image/PDF input (None when all are texts).
+    Raises SourceError if an input lies outside it."""
+    files = _file_inputs(inputs)
+    if root is not None:
+        chosen = Path(os.path.abspath(Path(root).expanduser()))
+        origin = "--root"
+    elif recorded:
+        chosen, origin = Path(recorded), "the index (the root of its first run)"
+    elif files:
+        return Path(os.path.commonpath([p if p.is_dir() else p.parent for p in files]))
+    else:
+        return None
+    for path in files:
+        if not path.is_relative_to(chosen):
+            raise SourceError(f"{path} is outside the corpus root {chosen}, recorded in {origin}: ids are paths "
+                              f"relative to it. Give inputs under it, or a --root that holds them all (ids "
+                              f"already in the index would then not match: use a new --output)")
+    return chosen
+
+
 def discover(inputs: Sequence[str | Path], *, id_field: str = "id", text_field: str = "text",
-             on_error: OnError | None = None) -> Iterator[Item]:
-    """Every item of the inputs, in a stable order. Unreadable files and bad records go to `on_error`."""
+             on_error: OnError | None = None, root: str | Path | None = None) -> Iterator[Item]:
+    """Every item of the inputs, in a stable order. Unreadable files and bad records go to `on_error`.
+    File ids are paths relative to `root` (default: `corpus_root(inputs)`)."""
     on_error = on_error or _raise
+    for raw in inputs:
+        if not Path(raw).exists():
+            raise SourceError(f"{raw}: no such file or directory")
+    base = corpus_root(inputs, root)
+
+    def rel_id(file: Path) -> str:
+        return Path(os.path.relpath(os.path.abspath(file), base)).as_posix()
+
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
@@ -57,13 +118,13 @@ def discover(inputs: Sequence[str | Path], *, id_field: str = "id", text_field: 
             for file in files:
                 suffix = file.suffix.lower()
                 if suffix in IMAGE_SUFFIXES or suffix in PDF_SUFFIXES:
-                    yield from _file_items(file, file.relative_to(path).as_posix(), on_error)
+                    yield from _file_items(file, rel_id(file), on_error)
         elif path.is_file():
             suffix = path.suffix.lower()
             if suffix in TEXT_SUFFIXES:
                 yield from _text_items(path, id_field, text_field, on_error)
             elif suffix in IMAGE_SUFFIXES or suffix in PDF_SUFFIXES:
-                yield from _file_items(path, path.name, on_error)
+                yield from _file_items(path, rel_id(path), on_error)
             else:
                 raise SourceError(f"{path}: not a directory, image, PDF, JSONL or Parquet file")
         else:
@@ -100,7 +161,7 @@ def _text_items(path: Path, id_field: str, text_field: str, on_error: OnError) -
         elif not isinstance(text, str) or not text.strip():
             on_error(str(item_id), str(path), f"record {n} has no {text_field!r} text")
         else:
-            yield Item(id=str(item_id), modality="text", source=str(path), text=text)
+            yield Item(id=str(item_id), modality="text", source=str(path), text=text, record=n)
 
 
 def _records(path: Path, id_field: str, text_field: str) -> Iterator[tuple[int, object, object, str | None]]:

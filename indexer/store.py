@@ -44,6 +44,18 @@ class PartStore:
     def parts(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if PART.match(p.name))
 
+    def recorded(self, key: str) -> str | None:
+        """A metadata value that the first part of the index was written with (None for a new index)."""
+        parts = self.parts()
+        if not parts:
+            return None
+        value = (pq.read_schema(parts[0]).metadata or {}).get(key.encode())
+        return value.decode() if value is not None else None
+
+    def set_metadata(self, key: str, value: str) -> None:
+        """Written into the parts from now on."""
+        self.metadata[key.encode()] = value.encode()
+
     def ids(self) -> set[str]:
         """Every id already stored."""
         done: set[str] = set()

@@ -48,11 +48,23 @@ class Background(Generic[T]):
                 time.sleep(self._delay_s)
             value = self._load()
         except Exception as e:  # noqa: BLE001 - reported through the health probes and the log
-            logger.exception("loading the %s failed", self.name)
             self.error = f"{self.name} failed to load: {type(e).__name__}: {e}"
+            # The line that says what failed and what to do comes first; a failure that explains itself (no model
+            # to load) keeps its traceback for debug logging, anything else gets it after that line.
+            explained = isinstance(e, _explained())
+            logger.error("%s", self.error, exc_info=not explained)
+            if explained:
+                logger.debug("loading the %s failed", self.name, exc_info=True)
             return
         self.value = value
         logger.info("%s loaded and warmed up in %.1f s", self.name, time.monotonic() - start)
+
+
+def _explained() -> tuple[type[Exception], ...]:
+    from conversion.resolve import ModelNotFoundError
+    from serving.preflight import CheckpointError
+
+    return ModelNotFoundError, CheckpointError
 
 
 def stop_listening() -> int:

@@ -6,17 +6,29 @@ wants: CrashLoopBackOff with the reason in `kubectl logs`, instead of a pod that
 failed, or probes that keep a broken pod waiting for minutes. The checks read file headers only (no weights, no
 device): a safetensors file's header says exactly how long the file must be, so a truncated copy is caught.
 
-What only loading can tell (wrong shapes, a Hub download that fails) is still reported by the worker: its
-/v1/health/live answers 503 with the reason, so the liveness probe restarts it.
+A Hub id (the default, when EMBED_MODEL is unset) is checked by `preflight_download`, which the service runs as a
+BentoML deployment hook (in the parent process of `bentoml serve`, not at `bentoml build`): a model that is
+neither in the local Hugging Face cache nor downloadable now (offline, Hub unreachable, unknown repo) stops the
+server the same way, with the local alternatives in that one line, instead of a worker that fails its download
+and sits unready. The check makes one metadata request when the model is not cached, and downloads nothing.
+
+What only loading can tell (wrong shapes, a download cut short) is still reported by the worker: its
+/v1/health/live answers 503 with the reason, so the liveness probe restarts it. A worker does not exit for it:
+BentoML respawns a worker that exits (outside a container), which would loop inside one server instead of
+restarting the pod visibly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
+RANDOM_CHECKPOINT = ("python -m conversion.random_checkpoint /tmp/tiny --size tiny --dtype float32 && "
+                     "EMBED_MODEL=/tmp/tiny bentoml serve")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -89,3 +101,19 @@ def preflight(source: str) -> None:
         check_checkpoint(source)
     except (CheckpointError, OSError) as e:
         raise SystemExit(f"FATAL: cannot serve EMBED_MODEL={source}: {e}") from None
+
+
+def preflight_download(source: str, revision: str | None = None) -> None:
+    """Stop the process with a one-line reason and what to do (SystemExit: no traceback) if EMBED_MODEL is a Hub
+    id that can be neither found in the local cache nor downloaded now."""
+    from conversion.resolve import ModelNotFoundError, check_obtainable
+
+    if source.startswith("bento:") or looks_local(source):
+        return
+    try:
+        check_obtainable(source, revision)
+    except ModelNotFoundError as e:
+        logger.debug("the Hub check of %s failed", source, exc_info=True)
+        raise SystemExit(f"FATAL: cannot serve EMBED_MODEL={source}: {e}. Set EMBED_MODEL to a local checkpoint "
+                         f"directory (python -m conversion {source} OUT converts one where the Hub is reachable), "
+                         f"or try the server offline with random weights: {RANDOM_CHECKPOINT}") from None

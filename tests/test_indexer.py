@@ -3,6 +3,8 @@
 The corpus is made here: PNG/WebP images, a 2-page PDF (Pillow writes multi-page PDFs), JSONL and Parquet texts.
 Square pictures: the test server's image token limit (32) admits 1-5 tiles, and a tall picture tiles into 7.
 A small Starlette app in front of the server answers 503/429 with Retry-After first, to test the retries.
+A fake NIM server (`FakeNim`: made-up vectors, an optional delay per request) serves the tests of ids, Ctrl-C,
+request totals and name resolution, which need no model.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ def test_a_bad_input_fails_alone(nim_server, tmp_path, capsys):
         picture((64, 64), 20 + i).save(docs / f"ok{i}.png")
     picture((40, 64), 30).save(docs / "tall.png")  # 2x3 tiles + thumbnail: over the test server's image limit
     (docs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (tmp_path / "t.jsonl").write_text('{"id": "x", "text": "fine"}\n{oops\n{"id": "x", "text": "again"}\n')
+    (tmp_path / "t.jsonl").write_text('{"id": "x", "text": "fine"}\n{oops\n{"id": "y", "text": "again"}\n')
     out = tmp_path / "index.parquet"
     rc, report = embed([str(docs), str(tmp_path / "t.jsonl"), "--output", str(out), "--server", nim_server.url,
                         "--batch-size", "8", "--max-side", str(MAX_SIDE)], capsys)
@@ -188,8 +190,8 @@ def test_a_bad_input_fails_alone(nim_server, tmp_path, capsys):
     failed = {f["id"]: f["error"] for f in report["failures"]}
     assert set(failed) == {"tall.png", "broken.png", "t.jsonl:2"}
     assert "exceeds maximum allowed token size" in failed["tall.png"]
-    assert report["items"] == 4 and report["duplicates"] == 1
-    assert set(pq.read_table(out).column("id").to_pylist()) == {"ok0.png", "ok1.png", "ok2.png", "x"}
+    assert report["items"] == 5 and report["duplicates"] == 0 and report["collisions"] == []
+    assert set(pq.read_table(out).column("id").to_pylist()) == {"ok0.png", "ok1.png", "ok2.png", "x", "y"}
 
 
 # ---- retries against a server that is overloaded first ------------------------------------------------------------------
@@ -362,3 +364,266 @@ def test_base64_is_what_the_pool_asks_for(monkeypatch):
                     "encoding_format": "base64", "embedding_type": "float", "modality": ["text"]}
     np.testing.assert_array_equal(vectors[0], vector)
     assert tokens == 3
+
+
+# ---- a fake NIM server: ids, Ctrl-C, request totals, name resolution ------------------------------------------------
+class FakeNim:
+    """/v1/models and /v1/embeddings with made-up unit vectors (from a hash of each input), `delay_s` per embeddings
+    request, and a `script` of error statuses answered first. Counts what it answered."""
+
+    DIM = 8
+
+    def __init__(self):
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.delay_s = 0.0
+        self.script: list[int] = []
+        self.embedded = 0  # embeddings requests answered 200
+        self.lock = threading.Lock()
+
+        async def embeddings(request: Request) -> JSONResponse:
+            import asyncio
+            import hashlib
+
+            body = await request.json()
+            if self.script:
+                return JSONResponse({"object": "error", "message": "overloaded"}, status_code=self.script.pop(0),
+                                    headers={"Retry-After": "0"})
+            await asyncio.sleep(self.delay_s)
+            data = []
+            for i, text in enumerate(body["input"]):
+                seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+                v = np.random.default_rng(seed).standard_normal(self.DIM).astype("<f4")
+                v /= np.linalg.norm(v)
+                data.append({"index": i, "object": "embedding",
+                             "embedding": base64.b64encode(v.tobytes()).decode()})
+            with self.lock:
+                self.embedded += 1
+            return JSONResponse({"object": "list", "data": data, "model": MODEL_ID,
+                                 "usage": {"prompt_tokens": len(data), "total_tokens": len(data)}})
+
+        async def models(request: Request) -> JSONResponse:
+            return JSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
+
+        self.app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]),
+                                     Route("/v1/models", models, methods=["GET"])])
+
+
+@pytest.fixture
+def fake():
+    import uvicorn
+
+    server = FakeNim()
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "the fake server did not start"
+        time.sleep(0.05)
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    uv.should_exit = True
+    thread.join(10)
+
+
+def two_page_pdf(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pages = [picture((72, 72), seed + i) for i in range(2)]
+    pages[0].save(path, "PDF", save_all=True, append_images=pages[1:], resolution=72)
+
+
+def test_files_of_one_name_in_different_directories_keep_distinct_ids(fake, tmp_path, capsys):
+    coll = tmp_path / "coll"
+    two_page_pdf(coll / "a" / "report.pdf", 0)
+    two_page_pdf(coll / "b" / "report.pdf", 10)
+    picture((64, 64), 20).save(coll / "b" / "scan.png")
+    out = tmp_path / "index.parquet"
+    args = [str(coll / "a"), str(coll / "b"), "--output", str(out), "--server", fake.url,
+            "--max-side", str(MAX_SIDE)]
+    rc, report = embed(args, capsys)
+    expected = {"a/report.pdf#page=1", "a/report.pdf#page=2", "b/report.pdf#page=1", "b/report.pdf#page=2",
+                "b/scan.png"}
+    assert rc == 0 and report["items"] == 5 and report["pages"] == 4
+    assert report["duplicates"] == 0 and report["collisions"] == [] and report["root"] == str(coll)
+    table = pq.read_table(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(expected)
+    sources = dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist()))
+    assert sources["b/report.pdf#page=2"] == str(coll / "b" / "report.pdf")
+    _, matrix, _ = read_index(out)
+    assert len({row.tobytes() for row in matrix}) == 5  # the two documents' pages were all embedded
+
+    # Files given one by one get the same ids; the root recorded in the index keeps them when resuming.
+    rc, report = embed([str(coll / "b" / "report.pdf"), str(coll / "a" / "report.pdf"), "--output", str(out),
+                        "--server", fake.url], capsys)
+    assert rc == 0 and report["items"] == 0 and report["skipped"] == 4 and report["requests"] == 0
+    rc, report = embed([str(coll / "b"), "--output", str(out), "--server", fake.url], capsys)
+    assert rc == 0 and report["items"] == 0 and report["skipped"] == 3
+
+    # A new input outside that root is refused, rather than silently indexed under ids of another scheme.
+    (tmp_path / "elsewhere").mkdir()
+    picture((64, 64), 30).save(tmp_path / "elsewhere" / "x.png")
+    assert main(["embed", str(tmp_path / "elsewhere"), "--output", str(out), "--server", fake.url,
+                 "--no-progress"]) == 1
+    assert "outside the corpus root" in capsys.readouterr().err
+    # --root chooses another one.
+    out2 = tmp_path / "second.parquet"
+    rc, report = embed([str(coll / "a"), "--root", str(tmp_path), "--output", str(out2), "--server", fake.url,
+                        "--max-side", str(MAX_SIDE)], capsys)
+    assert rc == 0 and set(pq.read_table(out2).column("id").to_pylist()) == {"coll/a/report.pdf#page=1",
+                                                                             "coll/a/report.pdf#page=2"}
+
+
+def test_one_id_for_two_items_is_an_error_unless_allowed(fake, tmp_path, capsys):
+    (tmp_path / "one.jsonl").write_text('{"id": "x", "text": "first"}\n{"id": "y", "text": "why"}\n')
+    (tmp_path / "two.jsonl").write_text('{"id": "z", "text": "zed"}\n{"id": "x", "text": "second"}\n')
+    texts = [str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")]
+    out = tmp_path / "index.parquet"
+    rc, report = embed([*texts, "--output", str(out), "--server", fake.url], capsys)
+    assert rc == 1 and report["items"] == 0 and report["requests"] == 0  # stopped before sending anything
+    assert report["collisions"] == [{"id": "x", "first": f"{tmp_path / 'one.jsonl'} record 1",
+                                     "other": f"{tmp_path / 'two.jsonl'} record 2"}]
+    assert not list(out.glob("part-*"))
+
+    rc, report = embed([*texts, "--output", str(out), "--server", fake.url, "--allow-duplicate-ids"], capsys)
+    assert rc == 0 and report["items"] == 3 and len(report["collisions"]) == 1
+    ids, matrix, _ = read_index(out)
+    assert sorted(ids) == ["x", "y", "z"]
+    first = fake_vector("first")
+    np.testing.assert_array_equal(matrix[ids.index("x")], first)  # the first record of the id won
+
+    # The same file reached twice (its directory and itself) is one item: counted, not an error.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    picture((64, 64), 1).save(docs / "p.png")
+    rc, report = embed([str(docs), str(docs / "p.png"), str(tmp_path / "one.jsonl"), str(tmp_path / "one.jsonl"),
+                        "--output", str(tmp_path / "i2.parquet"), "--server", fake.url], capsys)
+    assert rc == 0 and report["items"] == 3 and report["duplicates"] == 3 and report["collisions"] == []
+
+
+def fake_vector(text: str) -> np.ndarray:
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(FakeNim.DIM).astype("<f4")
+    return v / np.linalg.norm(v)
+
+
+def test_ctrl_c_stores_what_is_done_and_the_rerun_resumes(fake, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    n = 40
+    texts = tmp_path / "many.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"m{i}", "text": f"slow text {i}"}) + "\n" for i in range(n)))
+    out = tmp_path / "index.parquet"
+    report_path = tmp_path / "report.json"
+    fake.delay_s = 0.2
+    command = [sys.executable, "-m", "indexer", "embed", str(texts), "--output", str(out), "--server", fake.url,
+               "--batch-size", "2", "--concurrency", "1", "--report", str(report_path), "--no-progress"]
+    proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while fake.embedded < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the indexer sent nothing"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "run the same command again to resume" in stderr
+    report = json.loads(report_path.read_text())
+    assert report["interrupted"] is True and stdout.startswith("interrupted\nembedded")
+    done = report["items"]
+    # With one request in flight, the third reaches the server only once the second answer was recorded.
+    assert 4 <= done < n
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert len(ids) == done == len(set(ids))  # everything embedded was written, once
+    assert not list(out.glob(".*.tmp"))
+
+    fake.delay_s = 0.0
+    proc = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["skipped"] == done and report["items"] == n - done and not report["interrupted"]
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"m{i}" for i in range(n))
+
+
+def test_request_totals_agree_with_the_servers(fake, tmp_path, capsys):
+    """The model lookup (GET /v1/models) is not counted as an embedding request, neither in the total nor in a
+    server's line; retries are what the servers' errors were."""
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"s{i}", "text": f"sum {i}"}) + "\n" for i in range(5)))
+    fake.script = [503, 429]
+    rc, report = embed([str(texts), "--output", str(tmp_path / "i.parquet"), "--server", fake.url,
+                        "--server", fake.url.replace("127.0.0.1", "localhost"), "--batch-size", "1",
+                        "--concurrency", "2"], capsys)
+    assert rc == 0 and report["items"] == 5
+    servers = report["servers"]
+    assert sum(s["requests"] for s in servers.values()) == report["requests"] == 5 + 2
+    assert sum(s["errors"] for s in servers.values()) == report["retries"] == 2
+    assert f"{report['requests']} requests, {report['retries']} retries" in report_summary(report)
+
+
+def report_summary(report: dict) -> str:
+    from indexer.embed import Report
+
+    return Report(**report).summary()
+
+
+def test_a_host_name_that_does_not_resolve_fails_at_once(fake, tmp_path, monkeypatch, capsys):
+    """Name resolution errors are not retried (a misspelt host does not start resolving); refused connections
+    still are (test_connection_errors_and_several_servers)."""
+    import socket
+
+    real = socket.getaddrinfo
+    lookups = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in ("embedder.invalid", b"embedder.invalid"):  # anyio passes the IDNA-encoded bytes
+            lookups.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('{"id": "a", "text": "alpha"}\n')
+    bad = "http://embedder.invalid:3000"
+    for extra in ([], ["--model", MODEL_ID], ["--model", MODEL_ID, "--server", fake.url]):
+        lookups.clear()
+        rc = main(["embed", str(texts), "--output", str(tmp_path / "i.parquet"), "--server", bad, *extra,
+                   "--no-progress", "--max-retries", "8"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "cannot resolve the server's host name" in err and bad in err, err
+        assert len(lookups) == 1, (extra, lookups, err)  # one attempt, no retries
+
+
+def test_unresolvable_is_told_from_refused():
+    import socket
+
+    from indexer.client import _unresolvable
+
+    def chained(inner: BaseException) -> httpx.ConnectError:
+        try:
+            try:
+                raise inner
+            except OSError as e:
+                raise httpx.ConnectError(str(e)) from e
+        except httpx.ConnectError as e:
+            return e
+
+    assert _unresolvable(chained(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")))
+    assert not _unresolvable(chained(ConnectionRefusedError(111, "Connection refused")))
+    assert not _unresolvable(httpx.ReadTimeout("slow"))

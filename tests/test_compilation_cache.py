@@ -1,0 +1,70 @@
+"""The persistent compilation cache survives installing or removing `zstandard` (engine/compilation_cache.py).
+
+Two fresh processes share one cache directory and compile the same function; they differ only in whether
+`zstandard` is importable (hidden in one of them by a `sys.modules` entry, before JAX is imported). JAX's own
+monitoring events count the hits and misses: the second process must hit what the first wrote, either way round.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, sys
+if sys.argv[2] == "hidden":
+    sys.modules["zstandard"] = None  # `import zstandard` now raises ImportError, as when it is not installed
+try:
+    import zstandard  # noqa: F401
+    importable = True
+except ImportError:
+    importable = False
+
+import jax
+import jax.numpy as jnp
+from jax import monitoring
+
+from engine import configure_compilation_cache
+
+events = []
+monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+configure_compilation_cache(sys.argv[1])
+jax.jit(lambda x: jnp.tanh(x) * 3.0 + jnp.cumsum(x))(jnp.arange(16.0)).block_until_ready()
+print(json.dumps({"zstandard": importable, "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": events.count("/jax/compilation_cache/cache_misses")}))
+"""
+
+
+def compile_in_child(cache: Path, zstandard: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cache), zstandard], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.mark.parametrize("first,second", [("visible", "hidden"), ("hidden", "visible")])
+def test_cache_is_reused_whether_or_not_zstandard_is_importable(tmp_path, first, second):
+    import importlib.util
+
+    assert importlib.util.find_spec("zstandard") is not None, \
+        "zstandard must be installed for this test to compare both cases (it is in the test extra)"
+    cache = tmp_path / "xla"
+    a = compile_in_child(cache, first)
+    b = compile_in_child(cache, second)
+    assert (a["zstandard"], b["zstandard"]) == (first == "visible", second == "visible")
+    assert a["misses"] >= 1 and a["hits"] == 0  # the first one compiled and wrote its entries
+    assert any(cache.iterdir())
+    assert b["hits"] == a["misses"] and b["misses"] == 0, (a, b)  # the second one compiled nothing
