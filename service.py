@@ -184,7 +184,7 @@ def bound_batch_fill_wait(max_wait_s: float) -> None:
 
     BentoML 1.4's dispatcher has no such setting: it learns the hold from the queue waits it observed, which include
     waiting for the batch in flight. After a burst a lone request is then held for about a batch's duration, and the
-    learned value decays by 5 % per 5-second refresh: minutes of ~10x latency at low load. Capping the learned value
+    learned value decays by 5 % per 5-second refresh: minutes of inflated latency at low load. Capping the learned value
     (bentoml is pinned to 1.4.40; tests/test_service_units.py checks the hook still exists) keeps batching under load,
     where batches fill while one is in flight, and bounds the hold when idle, as NIM's own batcher does.
     """
@@ -208,8 +208,8 @@ def release_timeout_timers() -> None:
 
     BentoML 1.4's TimeoutMiddleware calls `loop.call_later(timeout, ...)` per request and never cancels it. The timer
     holds the request's context (its tracing span, attributes, scope) until it fires, `traffic.timeout` seconds
-    later (330 s here): at 80 requests/s the server grew by ~6 GB/hour until the first timers fired and then stayed
-    ~0.5 GB high; at a GPU's request rate, several GB (bench/soak.py found it). This is that method with the timer
+    later: memory grows with the request rate times that timeout, which at a GPU's request rate is gigabytes
+    (bench/soak.py's memory slope shows it). This is that method with the timer
     cancelled when its waiter resolves (bentoml is pinned to 1.4.40; tests/test_hardening_units.py checks that the
     upstream method still arms a timer it never cancels, and that with this one no timer outlives its request).
     """

@@ -1,6 +1,6 @@
 """A real `bentoml serve` of the tiny random checkpoint, shared by the service tests.
 
-    (registered for every test module by tests/conftest.py: one server for the whole session)
+    (registered for every test module by tests/conftest.py: one server for the whole test run)
 
 `nim_server` (session) starts the server on a free port with the limits below, records what the probes and the
 embeddings route answered while the model was loading (EMBED_STARTUP_DELAY_S keeps that window open), waits for
