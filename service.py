@@ -18,7 +18,7 @@ Every error is `{"object": "error", "message": ..., "type": ...}`. Configuration
 serving/settings.py. Batching: /v1/embeddings validates and tokenises each input, then hands it to `embed_batch`
 through BentoML's adaptive batcher (called in process, see expose_batcher), so concurrent requests share forward
 passes.
-Overload, hostile input, faults and access control: the README, "Hardening".
+Overload, hostile input, faults and access control: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -252,8 +252,7 @@ def cache_io_schemas() -> None:
 
     BentoML 1.4 rebuilds the JSON schema of a method's input or output model on every call of its route, only to read
     its `type` (`IOMixin.mime_type` when answering, `IORootModel.model_json_schema` when a BentoML client parses the
-    answer): 2-3 ms with the GIL held, per request (~6% of the worker's time under load when /v1/embeddings still
-    reached the batcher through such a call, py-spy). A model's schema is
+    answer): milliseconds with the GIL held, per request, on the worker's busiest path. A model's schema is
     fixed once the service is defined, so the no-argument call is cached (a copy is returned: callers may edit it).
     bentoml is pinned to 1.4.40; tests/test_service_units.py checks the hook.
     """
