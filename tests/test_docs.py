@@ -190,7 +190,6 @@ def env_reads_in_python(source: str, filename: str) -> set[str]:
 @cache
 def settings_fields() -> dict[str, object]:
     """serving/settings.py's variables and their defaults (None: computed at start-up)."""
-    sys.path.insert(0, str(ROOT))
     from serving.settings import Settings
 
     return {f.alias: f.default for f in Settings.model_fields.values()}
