@@ -3,7 +3,8 @@
 - Fenced blocks marked `bash runnable` / `python runnable` are executed in order, one working directory per file,
   against the tiny-checkpoint server of the test run (`nim_server`, tests/service_fixtures.py): `localhost:3000`
   becomes its address, and curl fails on HTTP errors. Other `bash` blocks must parse (`bash -n`), `python` blocks
-  compile, `json` and `yaml` blocks load.
+  compile, `json` and `yaml` blocks load; the repository paths, `python -m` modules and --options their commands
+  name must exist.
 - The README's test command is the one `.ci/run` runs.
 - Environment variables: every one the code reads (serving/settings.py's fields, `os.environ` / `os.getenv` reads in
   any Python file of the repository, `${NAME:-default}` in its shell scripts) or that bentofile.yaml and deploy/ set
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -301,6 +304,76 @@ def test_every_block_parses():
                     problems.append(f"{block.where}: invalid YAML: {e}")
             if block.runnable and block.lang not in ("bash", "python"):
                 problems.append(f"{block.where}: `runnable` applies to bash and python blocks only")
+    assert not problems, "\n".join(problems)
+
+
+def _commands(text: str):
+    """Each simple command of a shell block as its words (continuation lines joined; words shlex cannot split, or
+    built at run time, are left out)."""
+    for line in text.replace("\\\n", " ").splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        command: list[str] = []
+        for word in [*words, ";"]:
+            if word in (";", "&&", "||", "|", "&"):
+                if command:
+                    yield command
+                command = []
+            else:
+                command.append(word)
+
+
+def _options_defined(files: list[Path]) -> set[str]:
+    """The --options that argparse `add_argument` calls define in these files."""
+    found = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                found |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+    return found
+
+
+def test_commands_name_files_modules_and_options_that_exist():
+    """What `bash -n` cannot see in a block that does not run here: a repository path that does not exist, a
+    `python -m` module of this project that is not there, or an --option its argparse does not define."""
+    top = {p.relative_to(ROOT).parts[0] for p in repository_files()}
+    problems = []
+    for path in DOCS:
+        for block in blocks(path):
+            if block.lang not in ("bash", "sh", "shell"):
+                continue
+            for words in _commands(block.text):
+                for word in words:
+                    candidate = word.split("=", 1)[-1]
+                    if "/" in candidate and candidate.split("/")[0] in top and not (ROOT / candidate).exists():
+                        problems.append(f"{block.where}: {candidate} does not exist")
+                for i, word in enumerate(words[:-1]):
+                    if Path(word).name not in ("python", "python3"):
+                        continue
+                    target, rest = words[i + 1], words[i + 2:]
+                    if target == "-m" and rest:
+                        module, rest = rest[0], rest[1:]
+                        label = f"python -m {module}"
+                        if module.split(".")[0] not in top:  # not this project's: installed, then
+                            if importlib.util.find_spec(module.split(".")[0]) is None:
+                                problems.append(f"{block.where}: python -m {module}: no such module")
+                            continue
+                        base = ROOT.joinpath(*module.split("."))
+                        files = ([base.with_suffix(".py")] if base.with_suffix(".py").is_file() else
+                                 sorted(base.glob("*.py")) if (base / "__main__.py").is_file() else [])
+                        if not files:
+                            problems.append(f"{block.where}: python -m {module}: no such module in the repository")
+                            continue
+                    elif target.endswith(".py") and (ROOT / target).is_file():
+                        files, label = [ROOT / target], target
+                    else:
+                        continue
+                    defined = _options_defined(files)
+                    for option in (w.split("=", 1)[0] for w in rest if w.startswith("--")):
+                        if option not in defined and option != "--help":
+                            problems.append(f"{block.where}: {label}: no option {option}")
     assert not problems, "\n".join(problems)
 
 
