@@ -177,7 +177,7 @@ def env_reads_in_python(source: str, filename: str) -> set[str]:
             f = node.func
             if isinstance(f, ast.Attribute) and f.attr in ("get", "setdefault", "pop") and _is_environ(f.value):
                 name = node.args[0].value
-            elif (isinstance(f, ast.Attribute) and f.attr == "getenv") or (isinstance(f, ast.Name) and f.id == "getenv"):
+            elif getattr(f, "attr", None) == "getenv" or getattr(f, "id", None) == "getenv":
                 name = node.args[0].value
         elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
             if isinstance(node.slice, ast.Constant):
