@@ -7,8 +7,8 @@ embeddings route answered while the model was loading (EMBED_STARTUP_DELAY_S kee
 /v1/health/ready and kills the process group at the end. `server` is the same server per test, and prints the part
 of the server log written during a test that failed.
 
-`guarded_server` (session-scoped) is a second one with API keys, CORS, tiny admission limits, a 1 s request timeout and a
-1.5 s delay in every batch (so every embedding times out, deterministically), for the overload and access tests.
+`guarded_server` (session-scoped) is a second one with API keys, CORS, tiny admission limits, a 1 s request timeout
+and a 1.5 s delay in every batch (so every embedding times out, deterministically), for the overload and access tests.
 `launch()` starts any other variant (tests/test_hardening_faults.py), sharing the first one's caches.
 """
 
