@@ -18,6 +18,7 @@ Every error is `{"object": "error", "message": ..., "type": ...}`. Configuration
 serving/settings.py. Each request is validated and tokenised here, then queued for the engine's batch thread
 (engine/queue.py), which packs the inputs of every concurrent request into shared forward passes; admission control
 (serving/admission.py) bounds what each worker holds and answers the excess with 429 before reading its body.
+Overload, hostile input, faults and access control: docs/operations.md.
 """
 
 from __future__ import annotations

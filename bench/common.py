@@ -51,7 +51,7 @@ def scratch_dir(prefix: str) -> Path:
 
 def checkpoint(size: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
     """(Hugging Face layout dir, converted dir) of a random checkpoint, in a temporary directory removed at exit, or
-    kept under $BENCH_CHECKPOINTS and reused there (several benchmarks in one session build a full-size one once)."""
+    kept under $BENCH_CHECKPOINTS and reused there (several benchmarks in one run build a full-size one once)."""
     from conversion.convert import convert
     from conversion.random_checkpoint import write_random_checkpoint
 
@@ -78,7 +78,7 @@ class ModelBench:
     src: Path  # the Hugging Face layout, for the PyTorch reference
     embedder: Any
     engine: Any  # one pass per workload: 16 × 512 = 8192 tokens, 8 tiles
-    workloads: dict[str, list[dict]]  # issue #4's three, by name, as `embed` items
+    workloads: dict[str, list[dict]]  # the three model workloads, by name, as `embed` items
 
 
 def model_bench(size: str) -> ModelBench:

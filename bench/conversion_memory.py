@@ -1,4 +1,5 @@
-"""Peak memory of converting a random checkpoint of the real shapes (issue: conversion streams tensors).
+"""Peak memory of converting a random checkpoint of the real shapes: conversion streams tensors, so the peak stays near
+one tensor above the memory-mapped source.
 
     python bench/conversion_memory.py [--size full] [--workdir /tmp/conv-bench]
 

@@ -2,7 +2,7 @@
 
     python bench/model_vs_reference.py [--size mid] [--repeats 3]
 
-Workloads (issue #4): 64 queries of ~16 tokens, 16 passages of ~512 tokens, 8 image tiles (8 one-tile
+Workloads: 64 queries of ~16 tokens, 16 passages of ~512 tokens, 8 image tiles (8 one-tile
 images). Both sides run end to end from the same inputs (preprocessing included): Flax through the serving
 engine, PyTorch through the reference's batched `embed`, after one warm-up call each (for Flax it compiles the
 buckets the workload uses, before anything is timed; a server compiles all of them before ready). float32 on CPU;
@@ -100,8 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="mid", choices=["tiny", "mid", "full"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--target", type=float, help="the Flax/PyTorch ratio asked for (default: issue #4's, "
-                        "1.3 on a CPU, 2 on a GPU), for the rate it would need")
+    parser.add_argument("--target", type=float, help="the Flax/PyTorch ratio asked for (default: the project's "
+                        "targets, 1.3 on a CPU, 2 on a GPU), for the rate it would need")
     parser.add_argument("--matmul", type=int, help="side of the square product for the ceiling (2048 CPU, 8192 GPU)")
     args = parser.parse_args()
 

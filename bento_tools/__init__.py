@@ -1,4 +1,4 @@
-"""Packaging helpers for the BentoML bento and its container (see the README, "The bento and the container image").
+"""Packaging helpers for the BentoML bento and its container (see docs/deployment.md).
 
     python -m bento_tools.store_model SRC [--name NAME]   store converted weights as a versioned BentoML model
     python -m bento_tools.build [--model NAME[:VERSION]]  `bentoml build`, optionally with that model baked in

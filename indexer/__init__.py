@@ -4,7 +4,7 @@
     python -m indexer search --index index.parquet --server http://localhost:3000 "query text" -k 5
 
 Modules: sources (what to embed: images, PDF pages, texts), client (servers, retries), store (resumable Parquet),
-embed (the pipeline and its report), search (cosine top-k). See the README, "Indexing documents".
+embed (the pipeline and its report), search (cosine top-k). See docs/indexing.md.
 """
 
 from indexer.client import HostNotFound, RequestFailed, ServerPool

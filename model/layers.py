@@ -89,8 +89,8 @@ def cudnn_supports(head_dim: int, dtype: str) -> bool:
         return False
 
 
-# Heads computed per step of the blocked loop: 2 was fastest on a 2-core CPU (4x the fused kernel for
-# 8 x 1024-token tiles), larger steps spill the [T, T] scores out of cache again.
+# Heads computed per step of the blocked loop: 2 was the fastest step on a CPU; larger steps spill the [T, T]
+# scores out of cache again, which is what the blocked loop avoids (XLA:CPU's fused kernel materialises them all).
 _HEADS_PER_STEP = 2
 
 

@@ -20,5 +20,5 @@ This package is the core it stands on, none of it aware of BentoML:
     info.py       bodies of /v1/models, health, metadata, manifest, license and version
     lifecycle.py  loads and warms the model in the background so probes answer meanwhile; SIGTERM un-listens
 
-Overload, hostile input, faults and access control: the README, "Hardening".
+Overload, hostile input, faults and access control: docs/operations.md.
 """

@@ -27,7 +27,7 @@ PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # The payload has no whitespace, so text after a space ("data:...AAAA caption") is not swallowed as base64.
 _IMG_TAG = re.compile(r"""<img\s+src\s*=\s*(?:"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')\s*/?>""", re.IGNORECASE)
 _HEAD = re.compile(r"data:image/(?P<type>[\w.+-]+);base64,", re.IGNORECASE)
-_PAYLOAD = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # without IGNORECASE: 5x faster over a multi-megabyte payload
+_PAYLOAD = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # without IGNORECASE: much faster over a multi-megabyte payload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def decoded_size(b64: str) -> int:
 
 def decode_base64(b64: str) -> bytes:
     try:
-        return pybase64.b64decode(b64, validate=True)  # the standard library's, 40x faster (SIMD): 0.3 ms a page
+        return pybase64.b64decode(b64, validate=True)  # vectorised (SIMD), unlike the standard library
     except (binascii.Error, ValueError):
         raise ValueError("image data is not valid base64") from None
 

@@ -1,14 +1,14 @@
 """A real `bentoml serve` of the tiny random checkpoint, shared by the service tests.
 
-    (registered for every test module by tests/conftest.py: one server for the whole session)
+    (registered for every test module by tests/conftest.py: one server for the whole test run)
 
-`nim_server` (session) starts the server on a free port with the limits below, records what the probes and the
+`nim_server` (session-scoped) starts the server on a free port with the limits below, records what the probes and the
 embeddings route answered while the model was loading (EMBED_STARTUP_DELAY_S keeps that window open), waits for
 /v1/health/ready and kills the process group at the end. `server` is the same server per test, and prints the part
 of the server log written during a test that failed.
 
-`guarded_server` (session) is a second one with API keys, CORS, tiny admission limits, a 1 s request timeout and a
-1.5 s delay in every batch (so every embedding times out, deterministically), for the overload and access tests.
+`guarded_server` (session-scoped) is a second one with API keys, CORS, tiny admission limits, a 1 s request timeout
+and a 1.5 s delay in every batch (so every embedding times out, deterministically), for the overload and access tests.
 `launch()` starts any other variant (tests/test_hardening_faults.py), sharing the first one's caches.
 """
 
@@ -177,7 +177,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def server(nim_server, request):
-    """The session's server; a failing test shows the server log it produced."""
+    """The test run's server; a failing test shows the server log it produced."""
     offset = nim_server.log.stat().st_size
     failed_before = request.session.testsfailed
     yield nim_server

@@ -1,4 +1,4 @@
-"""Faults at the edges of a server's life (issue #5): SIGTERM drains the requests in flight and refuses new
+"""Faults at the edges of a server's life: SIGTERM drains the requests in flight and refuses new
 connections; a missing or corrupt checkpoint stops `bentoml serve` at once, non-zero, with the reason in its log.
 (A failed forward pass is retried in halves: tests/test_hardening_units.py.)"""
 

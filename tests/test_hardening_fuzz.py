@@ -1,4 +1,4 @@
-"""Fuzzing the live server (issue #5): schemathesis from the service's own OpenAPI (/docs.json: BentoML's routes with
+"""Fuzzing the live server: schemathesis from the service's own OpenAPI (/docs.json: BentoML's routes with
 the NIM routes merged in), then hypothesis-made request bodies (random JSON shapes, random field values, random data
 URLs). Whatever arrives: no 5xx, every error in the NIM shape, and the server still serves afterwards.
 Bounded (FUZZ_EXAMPLES) to about a minute; raise it for a longer hunt: NIM_FUZZ_EXAMPLES=5000 pytest ..."""

@@ -1,6 +1,6 @@
 """Overload, timeouts, disconnects and access control on a second server (tests/service_fixtures.py, GUARDED_ENV):
 API keys from the environment and a file, CORS for one origin, at most 4 inputs in flight, a 1 s request timeout
-and a 1.5 s delay in every batch, so that every embedding request is still in flight after a second (issue #5)."""
+and a 1.5 s delay in every batch, so that every embedding request is still in flight after a second."""
 
 from __future__ import annotations
 

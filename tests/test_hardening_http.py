@@ -1,6 +1,6 @@
-"""Hardening end to end on the session's server (tests/service_fixtures.py): hostile input, the streaming body
+"""Hardening end to end on the shared test server (tests/service_fixtures.py): hostile input, the streaming body
 limit, no URL fetching, request ids and access logs, the OpenAPI document, and 240 concurrent mixed requests that
-must each get exactly what they get alone while the probes stay quick (issue #5)."""
+must each get exactly what they get alone while the probes stay quick."""
 
 from __future__ import annotations
 

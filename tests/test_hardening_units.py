@@ -1,5 +1,5 @@
 """Hardening without a server: admission control, the access middlewares, text caps, image modes, checkpoint
-preflight, the OpenAPI document, and the engine's retry of a failed forward pass (issue #5)."""
+preflight, the OpenAPI document, and the engine's retry of a failed forward pass."""
 
 from __future__ import annotations
 
