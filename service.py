@@ -48,6 +48,7 @@ from serving.admission import Admission
 from serving.encoding import check_dimensions, embeddings_json, encode
 from serving.errors import GatewayTimeoutError, NimError, ServiceUnavailableError, TooManyRequestsError, for_status
 from serving.http import NimErrorShape, discard_body, error_response, nim_app, read_body, unless_disconnected
+from serving.health_port import serve_probes
 from serving.inputs import PILLOW_FORMATS, limit_pillow_pixels
 from serving.lifecycle import Background, stop_listening
 from serving.metrics import get_metrics, render
@@ -131,16 +132,13 @@ async def list_models(request: Request) -> Response:
 
 
 async def health_ready(request: Request) -> Response:
-    svc = service()
-    if svc.draining:  # SIGTERM: take this pod out of the load balancer while in-flight requests finish
-        return JSONResponse(info.ready(False, "shutting down"), status_code=503)
-    model = svc.model
-    return JSONResponse(info.ready(model.ready, model.error), status_code=200 if model.ready else 503)
+    status, body = service().readiness()
+    return JSONResponse(body, status_code=status)
 
 
 async def health_live(request: Request) -> Response:
-    model = service().model
-    return JSONResponse(info.live(not model.failed, model.error), status_code=503 if model.failed else 200)
+    status, body = service().liveness()
+    return JSONResponse(body, status_code=status)
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -211,6 +209,8 @@ class NemotronEmbed:
         get_metrics()  # registers the series (and the JAX compilation listener) before the warm-up compiles
         self.draining = False
         self.model = Background(self._load, delay_s=SETTINGS.startup_delay_s).start()
+        if SETTINGS.health_port:  # probes that never wait behind request work (serving/health_port.py)
+            serve_probes(SETTINGS.health_port, {"/v1/health/live": self.liveness, "/v1/health/ready": self.readiness})
 
     @bentoml.on_deployment
     def _check_model() -> None:  # `bentoml serve`'s parent process, before any worker (not `bentoml build`)
@@ -267,6 +267,14 @@ class NemotronEmbed:
             "ready: %s (%s) loaded in %.1fs, %d buckets compiled in %.1fs", SETTINGS.model, embedder.dtype,
             startup - warmup, runner.engine.stats.compilations, warmup)
         return runner
+
+    def readiness(self) -> tuple[int, dict]:
+        if self.draining:  # SIGTERM: take this pod out of the load balancer while in-flight requests finish
+            return 503, info.ready(False, "shutting down")
+        return (200 if self.model.ready else 503), info.ready(self.model.ready, self.model.error)
+
+    def liveness(self) -> tuple[int, dict]:
+        return (503 if self.model.failed else 200), info.live(not self.model.failed, self.model.error)
 
     def __is_ready__(self) -> bool:  # BentoML's /readyz agrees with /v1/health/ready
         return self.model.ready

@@ -156,7 +156,7 @@ def guarded_server(nim_server, tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("guarded_server")
     keys = work / "keys.txt"
     keys.write_text(f"# one key a line\n{FILE_KEY}\n\n")
-    env = {**GUARDED_ENV, "EMBED_API_KEYS_FILE": str(keys)}
+    env = {**GUARDED_ENV, "EMBED_API_KEYS_FILE": str(keys), "EMBED_HEALTH_PORT": str(free_port())}
     with launch(tiny_checkpoint, work, env, cache_dir=Path(nim_server.env["EMBED_CACHE_DIR"])) as (server, _):
         yield server
 

@@ -160,7 +160,9 @@ def test_one_container_one_gpu_port_3000(deployment, container):
     spec = deployment["spec"]["template"]["spec"]
     assert len(spec["containers"]) == 1
     assert container["image"].startswith("nemotron-embed-vl")
-    assert [p["containerPort"] for p in container["ports"]] == [PORT]
+    assert container["ports"][0]["containerPort"] == PORT  # the API; the probes' own port follows (test_probes)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert [p["containerPort"] for p in container["ports"][1:]] == [int(env["EMBED_HEALTH_PORT"])]
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == 1 and resources["limits"]["nvidia.com/gpu"] == 1
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -179,8 +181,10 @@ def test_probes(container):
     assert ready["httpGet"]["path"] == READY
     assert live["httpGet"]["path"] == LIVE
     assert startup["httpGet"]["path"] in (READY, LIVE)
+    env = {e["name"]: e.get("value") for e in container["env"]}
     for probe in (ready, live, startup):
-        assert probe_port(probe, container) == PORT
+        # the probes' own port (serving/health_port.py), which the server opens when EMBED_HEALTH_PORT says so
+        assert probe_port(probe, container) == int(env["EMBED_HEALTH_PORT"]) != PORT
         assert probe.get("timeoutSeconds", 1) >= 2  # a worker that is still importing answers late
     budget = startup["failureThreshold"] * startup["periodSeconds"] + startup.get("initialDelaySeconds", 0)
     assert budget >= MIN_STARTUP_BUDGET_S, f"the warm-up budget is {budget} s"

@@ -102,9 +102,18 @@ def test_overload_is_shed_at_once_with_429_and_probes_stay_quick(guarded):
                 live = await ac.get("/v1/health/live")
                 return live.status_code, time.perf_counter() - start
 
-            return await asyncio.gather(asyncio.gather(*[one(i) for i in range(16)]), probe())
+            async def probe_port():  # the probes' own port, answered by a thread of its own
+                await asyncio.sleep(0.3)
+                port = server.env["EMBED_HEALTH_PORT"]
+                return [(await ac.get(f"http://127.0.0.1:{port}{path}")) for path in ("/v1/health/live",
+                                                                                      "/v1/health/ready")]
 
-    answers, (live_status, live_seconds) = asyncio.run(flood())
+            return await asyncio.gather(asyncio.gather(*[one(i) for i in range(16)]), probe(), probe_port())
+
+    answers, (live_status, live_seconds), own_port = asyncio.run(flood())
+    assert [r.status_code for r in own_port] == [200, 200]
+    assert own_port[0].json() == {"object": "health.response", "message": "live", "live": True}
+    assert own_port[1].json() == {"object": "health.response", "message": "ready", "ready": True}
     statuses = [r.status_code for r, _ in answers]
     assert statuses.count(429) >= 12 and set(statuses) <= {429, 504}, statuses  # 4 inputs admitted, at most
     for response, seconds in answers:
