@@ -68,10 +68,12 @@ bentoml_compat.check()  # the one module that reaches into BentoML's internals s
 T = TypeVar("T")
 DISCARD_BYTES = 1 << 20  # bodies up to this size are read and dropped before a 429 (the connection stays usable)
 # A request this small (a few queries) is parsed, tokenised and answered on the event loop: a thread hand-off would
-# cost more than the work. Larger ones (passages in bulk, page images) go to the request threads, so that the loop
-# keeps answering probes and shedding load while they are parsed.
-INLINE_BYTES = 16 * 1024
+# cost more than the work. Larger ones (passages in bulk, page images) go to the request threads, and so does every
+# request while the worker already holds many: a burst then waits on threads, not in the loop's queue, and the loop
+# keeps answering probes and shedding load.
+INLINE_BYTES = 8 * 1024
 INLINE_INPUTS = 8
+INLINE_MAX_REQUESTS = 32
 
 # Request work has its own threads, apart from Starlette's shared pool. Probes use no thread at all.
 REQUEST_POOL = ThreadPoolExecutor(max(4, SETTINGS.decode_threads), thread_name_prefix="request")
@@ -92,7 +94,7 @@ async def embeddings(request: Request) -> Response:
         await discard_body(request, DISCARD_BYTES)  # so that the client reads the 429, not a reset connection
         raise
     body = await read_body(request, SETTINGS.max_body_bytes)  # 413 over the limit, counted as it streams in
-    small = len(body) <= INLINE_BYTES
+    small = len(body) <= INLINE_BYTES and svc.admission.requests < INLINE_MAX_REQUESTS
     req = parse_embedding_request(body) if small else await offload(parse_embedding_request, body)  # 400
     implied = model_input_type(req.model, SETTINGS.model_name)  # 404 for another model; "-query" -> "query"
     input_type = req.input_type or implied
@@ -114,7 +116,7 @@ async def embeddings(request: Request) -> Response:
         except TimeoutError:
             raise GatewayTimeoutError(f"the request took longer than {SETTINGS.request_timeout_s:g} s") from None
     vectors = gather(results)  # the first failed input fails the request (and only this request)
-    content = embeddings_json(vectors, req, SETTINGS.model_name, tokens) if inline else \
+    content = embeddings_json(vectors, req, SETTINGS.model_name, tokens) if len(vectors) <= INLINE_INPUTS else \
         await offload(embeddings_json, vectors, req, SETTINGS.model_name, tokens)  # 2048 vectors take a while
     get_metrics().observe_inputs(prepared.modalities, prepared.tokens)
     return Response(content, media_type="application/json")

@@ -115,7 +115,8 @@ def test_overload_is_shed_at_once_with_429_and_probes_stay_quick(guarded):
     assert own_port[0].json() == {"object": "health.response", "message": "live", "live": True}
     assert own_port[1].json() == {"object": "health.response", "message": "ready", "ready": True}
     statuses = [r.status_code for r, _ in answers]
-    assert statuses.count(429) >= 12 and set(statuses) <= {429, 504}, statuses  # 4 inputs admitted, at most
+    # 4 inputs admitted, at most (answered, or 504 when their batch came after the 1 s timeout); the rest shed
+    assert statuses.count(429) >= 12 and set(statuses) <= {200, 429, 504}, statuses
     for response, seconds in answers:
         if response.status_code == 429:
             assert_nim(response, 429, "TooManyRequestsError")
