@@ -197,9 +197,14 @@ API = nim_app([
     # per-request metrics and access lines would double the cost of a short request and log each request twice.
     metrics={"enabled": False},
     logging={"access": {"enabled": False}},
+    # BentoML's OpenTelemetry middleware makes a span per request even when nothing samples or exports it; unless
+    # EMBED_TRACING asks for traces, every path is excluded and requests pass it untouched.
+    tracing={} if SETTINGS.tracing else {"excluded_urls": [".*"]},
 )
 class NemotronEmbed:
     def __init__(self) -> None:
+        global _instance
+        _instance = self
         logging.getLogger("serving").setLevel(logging.INFO)  # BentoML leaves non-bentoml loggers at WARNING
         limit_pillow_pixels(SETTINGS.max_image_short_side, SETTINGS.max_image_long_side)
         self.started = int(time.time())
@@ -351,6 +356,9 @@ if API_KEYS:
 NemotronEmbed.add_asgi_middleware(openapi.MergeIntoBentoDocs, document=OPENAPI)  # /docs.json shows the /v1 routes
 
 
+_instance: NemotronEmbed | None = None
+
+
 def service() -> NemotronEmbed:
-    """This worker's service instance (BentoML creates it before serving any request)."""
-    return bentoml.get_current_service()
+    """This worker's service instance (BentoML creates it before serving any request; looked up once)."""
+    return _instance or bentoml.get_current_service()

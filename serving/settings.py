@@ -93,6 +93,9 @@ class Settings(BaseModel):
     cors_headers: str = Field("authorization,content-type,x-request-id", alias="EMBED_CORS_HEADERS",
                               description="comma-separated request headers a browser may send")
     access_log: bool = Field(True, alias="EMBED_ACCESS_LOG", description="one JSON line per request on stdout")
+    tracing: bool = Field(False, alias="EMBED_TRACING",
+                          description="trace requests with BentoML's OpenTelemetry tracing (configure its exporter "
+                                      "and sample rate in BentoML's configuration)")
 
     # ---- fault injection (tests and drills only) ------------------------------------------------------------
     fault_batch_delay_s: float = Field(0.0, alias="EMBED_FAULT_BATCH_DELAY_S", ge=0,
