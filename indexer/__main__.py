@@ -196,11 +196,19 @@ def _ray(args: argparse.Namespace) -> int:
                       max_side=args.max_side, id_field=args.id_field, text_field=args.text_field,
                       max_tokens_text=args.max_tokens_text, max_tokens_image=args.max_tokens_image, int8=args.int8,
                       binary=args.binary, index_min_rows=args.index_min_rows, progress=args.progress)
+    from indexer.ray_pipeline import RayReport
+
+    report = RayReport(output=args.output)
     try:
-        report = run_ray(args.inputs, opts)
+        run_ray(args.inputs, opts, report)
     except ModelNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(report.summary())
+        print(f"interrupted: {report.items} items embedded by this run are stored in {args.output}; run the same "
+              f"command again to resume (ids already stored are skipped)", file=sys.stderr)
+        return 130
     print(report.summary())
     if args.report:
         write_report(report, args.report)

@@ -14,6 +14,7 @@
 - Sink: the driver writes results as they stream in, `chunk_size` rows per Parquet part file or LanceDB commit, so
   a crash loses at most one chunk. Then, for LanceDB, the ANN index when the table is large enough.
 
+Workers' code: indexer/ray_workers.py; inputs under URIs: indexer/remote.py; the LanceDB table: indexer/lance.py.
 On a cluster (`RAY_ADDRESS` set) the files must be readable from every node: give URIs, or paths on a shared
 filesystem; the same holds for `--checkpoint`.
 """
@@ -22,38 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from indexer.embed import Report
-from indexer.sources import (DEFAULT_MAX_SIDE, IMAGE_SUFFIXES, PDF_SUFFIXES, TEXT_SUFFIXES, Item, SourceError,
-                             discover, load_image, pdf_page_count, render_pdf_page)
+from indexer.ray_workers import ROWS, ModelEmbedder, ServerEmbedder, prepare_batch
+from indexer.remote import is_uri, uri_items
+from indexer.sources import DEFAULT_MAX_SIDE, discover
 
 # The server's default token limits (serving/settings.py): in-process embedding truncates to the same.
 DEFAULT_MAX_TOKENS_TEXT = 8192
 DEFAULT_MAX_TOKENS_IMAGE = 2048
-PREPARE_MEMORY = 256 * 2**20  # a preprocessing task: a few open PDFs, a 1536-px page and its PNG
-ITEM_FAULT = frozenset({400, 413, 422, 500})  # statuses one input can cause (as in indexer.embed)
-GAVE_UP = frozenset({None, 408, 429, 502, 503, 504})  # retries exhausted: those items fail, a rerun retries them
-
-ROWS = pa.schema([
-    pa.field("id", pa.string()), pa.field("modality", pa.string()), pa.field("source", pa.string()),
-    pa.field("location", pa.string()),  # what the workers open: an absolute path or a URI
-    pa.field("page", pa.int32()),  # PDF page number from 1
-    pa.field("text", pa.string()),
-])
-PREPARED = ROWS.append(pa.field("png", pa.binary())).append(pa.field("error", pa.string()))
-EMBEDDED = pa.schema([*(ROWS.field(n) for n in ("id", "modality", "source", "page", "text")),
-                      pa.field("embedding", pa.list_(pa.float32())), pa.field("error", pa.string()),
-                      pa.field("tokens", pa.int64())])
+PREPARE_MEMORY = 512 * 2**20  # a preprocessing task: a few open PDFs, a 1536-px page and its PNG
 
 
 @dataclasses.dataclass
@@ -105,56 +92,6 @@ class RayReport(Report):
 
 
 # ---- items ----------------------------------------------------------------------------------------------------------
-def is_uri(value: str | Path) -> bool:
-    return "://" in str(value)
-
-
-def _uri_items(uri: str, *, id_field: str, text_field: str, on_error, scratch: Path) -> Iterator[Item]:
-    """The items under a URI: files like a local directory's (ids relative to it), texts like a local file's."""
-    from pyarrow import fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    info = filesystem.get_file_info(path)
-    scheme = uri.split("://", 1)[0]
-
-    def uri_of(p: str) -> str:
-        return f"{scheme}://{p}" if scheme != "file" else f"file://{p}"
-
-    if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{uri}: no such file or directory")
-    if info.type == pafs.FileType.Directory:
-        base = path.rstrip("/")
-        files = sorted((f for f in filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-                        if f.type == pafs.FileType.File), key=lambda f: f.path)
-        entries = [(f.path, f.path[len(base) + 1:]) for f in files]
-        entries = [(p, rel) for p, rel in entries if not any(part.startswith(".") for part in rel.split("/"))]
-    else:
-        entries = [(path, path.rsplit("/", 1)[-1])]
-        suffix = Path(path).suffix.lower()
-        if suffix in TEXT_SUFFIXES:  # read the records on the driver, with the local reader's rules
-            local = scratch / f"{len(list(scratch.iterdir()))}{suffix}"
-            with filesystem.open_input_stream(path) as src, open(local, "wb") as dst:
-                dst.write(src.read())
-            for item in discover([local], id_field=id_field, text_field=text_field, on_error=on_error):
-                yield dataclasses.replace(item, source=uri)
-            return
-        if suffix not in IMAGE_SUFFIXES and suffix not in PDF_SUFFIXES:
-            raise SourceError(f"{uri}: not a directory, image, PDF, JSONL or Parquet file")
-    for p, rel in entries:
-        suffix = Path(p).suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
-            yield Item(id=rel, modality="image", source=uri_of(p))
-        elif suffix in PDF_SUFFIXES:
-            try:
-                with filesystem.open_input_file(p) as f:
-                    pages = pdf_page_count(f.read())
-            except Exception as e:  # corrupt or encrypted PDF: report it, go on with the rest
-                on_error(rel, uri_of(p), f"cannot open PDF: {e}")
-                continue
-            for page in range(pages):
-                yield Item(id=f"{rel}#page={page + 1}", modality="image", source=uri_of(p), page=page)
-
-
 def pending_rows(inputs: Sequence[str | Path], opts: RayOptions, done: set[str], report: Report) -> pa.Table:
     """The items not in the sink yet, each id once (the first wins), as rows for the pipeline."""
     import tempfile
@@ -170,7 +107,7 @@ def pending_rows(inputs: Sequence[str | Path], opts: RayOptions, done: set[str],
     with tempfile.TemporaryDirectory(prefix="indexer-ray-") as scratch:
         streams = [discover(local, id_field=opts.id_field, text_field=opts.text_field, on_error=on_error)] if local \
             else []
-        streams += [_uri_items(str(u), id_field=opts.id_field, text_field=opts.text_field, on_error=on_error,
+        streams += [uri_items(str(u), id_field=opts.id_field, text_field=opts.text_field, on_error=on_error,
                                scratch=Path(scratch)) for u in inputs if is_uri(u)]
         for stream in streams:
             for item in stream:
@@ -188,157 +125,6 @@ def pending_rows(inputs: Sequence[str | Path], opts: RayOptions, done: set[str],
                 rows["page"].append(None if item.page is None else item.page + 1)
                 rows["text"].append(item.text)
     return pa.Table.from_pydict(rows, schema=ROWS)
-
-
-# ---- prepare (CPU tasks) --------------------------------------------------------------------------------------------
-def _readable(location: str, fetched: dict[str, bytes]):
-    """What the image/PDF readers open: a local path, or a URI's bytes (fetched once per batch)."""
-    if not is_uri(location):
-        return Path(location)
-    if location not in fetched:
-        from pyarrow import fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(location)
-        with filesystem.open_input_file(path) as f:
-            fetched[location] = f.read()
-    data = fetched[location]
-    return data if location.lower().endswith(".pdf") else io.BytesIO(data)
-
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=3)  # as sources.png_data_url: the same bytes a server is sent
-    return buf.getvalue()
-
-
-def prepare_batch(batch: pa.Table, max_side: int = DEFAULT_MAX_SIDE) -> pa.Table:
-    """Rows -> rows with `png` (images, PDF pages) or `error` (unreadable): one bad file fails only itself."""
-    pngs, errors, fetched = [], [], {}
-    for location, page, modality in zip(batch.column("location").to_pylist(), batch.column("page").to_pylist(),
-                                         batch.column("modality").to_pylist()):
-        if modality == "text":
-            pngs.append(None)
-            errors.append(None)
-            continue
-        try:
-            src = _readable(location, fetched)
-            image = render_pdf_page(src, page - 1, max_side) if page is not None else load_image(src, max_side)
-            pngs.append(png_bytes(image))
-            errors.append(None)
-        except Exception as e:
-            pngs.append(None)
-            errors.append(f"cannot read: {type(e).__name__}: {e}")
-    return batch.append_column("png", pa.array(pngs, pa.binary())).append_column("error", pa.array(errors, pa.string()))
-
-
-# ---- embed (actors) -------------------------------------------------------------------------------------------------
-def _embedded(batch: pa.Table, vectors: list, errors: list, tokens: list) -> pa.Table:
-    columns = [batch.column(n) for n in ("id", "modality", "source", "page", "text")]
-    vec = pa.array([None if v is None else np.asarray(v, np.float32) for v in vectors], pa.list_(pa.float32()))
-    return pa.Table.from_arrays([*columns, vec, pa.array(errors, pa.string()), pa.array(tokens, pa.int64())],
-                                schema=EMBEDDED)
-
-
-class ModelEmbedder:
-    """An actor holding `model.Embedder`: passages, truncated at the end to the server's token limits."""
-
-    def __init__(self, checkpoint: str, dtype: str | None, max_tokens_text: int, max_tokens_image: int):
-        from model import Embedder
-
-        self.embedder = Embedder.from_pretrained(checkpoint, dtype=dtype)
-        self.max_tokens = {"text": max_tokens_text, "image": max_tokens_image}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
-
-        from model import EmbedInput
-
-        n = batch.num_rows
-        vectors: list = [None] * n
-        errors = batch.column("error").to_pylist()
-        tokens = [0] * n
-        texts, pngs, modalities = (batch.column(c).to_pylist() for c in ("text", "png", "modality"))
-        for modality in ("text", "image"):
-            members = [i for i in range(n) if errors[i] is None and modalities[i] == modality]
-            if not members:
-                continue
-            inputs = [EmbedInput(text=texts[i], image=Image.open(io.BytesIO(pngs[i])) if pngs[i] else None,
-                                 input_type="passage") for i in members]
-            for i, out in zip(members, self._embed(inputs)):
-                if isinstance(out, Exception):
-                    errors[i] = f"{type(out).__name__}: {out}"
-                else:
-                    vectors[i] = out
-        return _embedded(batch, vectors, errors, tokens)
-
-    def _embed(self, inputs: list, ) -> list:
-        """Vectors, or for inputs that cannot be embedded (too long to truncate, ...) their exception."""
-        limit = self.max_tokens["image" if inputs[0].image is not None else "text"]
-        try:
-            return list(self.embedder.embed(inputs, truncate="END", max_tokens=limit))
-        except Exception:  # find the culprit: each input alone
-            out: list = []
-            for one in inputs:
-                try:
-                    out.append(self.embedder.embed([one], truncate="END", max_tokens=limit)[0])
-                except Exception as e:
-                    out.append(e)
-            return out
-
-
-class ServerEmbedder:
-    """An actor that sends its batches to embedding servers, as `python -m indexer embed` does."""
-
-    def __init__(self, servers: Sequence[str], model: str, api_key: str | None, timeout_s: float, max_retries: int):
-        from indexer.client import ServerPool
-
-        self.loop = asyncio.new_event_loop()
-        self.model = model
-        self.pool = ServerPool(servers, concurrency=1, timeout_s=timeout_s, max_retries=max_retries, api_key=api_key)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import base64
-
-        n = batch.num_rows
-        vectors: list = [None] * n
-        errors = batch.column("error").to_pylist()
-        tokens = [0] * n
-        texts, pngs, modalities = (batch.column(c).to_pylist() for c in ("text", "png", "modality"))
-        members = [i for i in range(n) if errors[i] is None]
-        payloads = {i: texts[i] if modalities[i] == "text" else
-                    "data:image/png;base64," + base64.b64encode(pngs[i]).decode("ascii") for i in members}
-        self.loop.run_until_complete(self._send(members, payloads, modalities, vectors, errors, tokens))
-        return _embedded(batch, vectors, errors, tokens)
-
-    async def _send(self, members: list[int], payloads: dict, modalities: list, vectors: list, errors: list,
-                    tokens: list) -> None:
-        from indexer.client import RequestFailed
-
-        if not members:
-            return
-        try:
-            out, used = await self.pool.embed([payloads[i] for i in members], model=self.model,
-                                              input_type="passage", modality=[modalities[i] for i in members])
-        except RequestFailed as e:
-            if e.status in ITEM_FAULT and len(members) > 1:  # one input's fault: isolate it, each alone
-                for i in members:
-                    await self._send([i], payloads, modalities, vectors, errors, tokens)
-                return
-            if e.status in ITEM_FAULT or e.status in GAVE_UP:
-                for i in members:
-                    errors[i] = str(e)
-                return
-            raise  # 401, 404 (model), ...: nothing will work, stop the run
-        for i, v in zip(members, out):
-            vectors[i] = v
-        tokens[members[0]] = used
-
-    def __del__(self):
-        try:
-            self.loop.run_until_complete(self.pool.aclose())
-            self.loop.close()
-        except Exception:
-            pass
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -390,14 +176,16 @@ def _blocks(rows: pa.Table, parallelism: int, prepare_batch_size: int) -> list[p
     return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
 
 
-def run_ray(inputs: Sequence[str | Path], opts: RayOptions) -> RayReport:
-    """Embed what the sink at opts.output lacks, on Ray; returns the report."""
+def run_ray(inputs: Sequence[str | Path], opts: RayOptions, report: RayReport | None = None) -> RayReport:
+    """Embed what the sink at opts.output lacks, on Ray; returns the report. Pass a `report` to have it filled in
+    also when the run stops on an error or Ctrl-C (what was embedded until then is stored either way)."""
     import ray
     import ray.data
     from tqdm.auto import tqdm
 
     started = time.monotonic()
-    report = RayReport(output=str(opts.output), sink=opts.sink)
+    report = report if report is not None else RayReport(output=str(opts.output))
+    report.output, report.sink = str(opts.output), opts.sink
     report.ray_init_s = round(init_ray(), 3)
     resources = ray.cluster_resources()
     cluster_gpus = int(resources.get("GPU", 0))
@@ -447,7 +235,7 @@ def run_ray(inputs: Sequence[str | Path], opts: RayOptions) -> RayReport:
             with tqdm(total=rows.num_rows, unit="item", desc="embedding", disable=not show,
                       file=sys.stderr) as progress:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    _store(batch, sink, report)
+                    _store(batch, sink, report, with_pages=opts.sink == "lance")
                     progress.update(batch.num_rows)
     finally:
         sink.flush()  # everything embedded so far, also when the run stops on an error
@@ -460,8 +248,9 @@ def run_ray(inputs: Sequence[str | Path], opts: RayOptions) -> RayReport:
         min_rows = DEFAULT_INDEX_MIN_ROWS if opts.index_min_rows is None else opts.index_min_rows
         if not sink.table.list_indices():
             report.index = build_index(sink.table, min_rows=min_rows)
-        else:  # new rows: fold them into the existing index
-            sink.table.optimize()
+        else:
+            if report.items:  # new rows: fold them into the existing index
+                sink.table.optimize()
             report.index = {"existing": [i.name for i in sink.table.list_indices()]}
     return report
 
@@ -476,7 +265,8 @@ def _manifest_model(checkpoint: str) -> str | None:
     return data.get("model") or data.get("source")
 
 
-def _store(batch: pa.Table, sink, report: Report) -> None:
+def _store(batch: pa.Table, sink, report: Report, *, with_pages: bool) -> None:
+    """One block of results into the sink (LanceDB also keeps page numbers and texts), failures into the report."""
     errors = batch.column("error").to_pylist()
     ok = [i for i, e in enumerate(errors) if e is None]
     for i, e in enumerate(errors):
@@ -496,7 +286,7 @@ def _store(batch: pa.Table, sink, report: Report) -> None:
     vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(good.num_rows, report.dimensions)
     ids, modalities, sources, pages, texts = (good.column(c).to_pylist()
                                               for c in ("id", "modality", "source", "page", "text"))
-    if hasattr(sink, "table"):  # LanceDB keeps page numbers and texts
+    if with_pages:
         sink.add(ids, modalities, vectors, sources, pages=pages, texts=texts)
     else:
         sink.add(ids, modalities, vectors, sources)

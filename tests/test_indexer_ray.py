@@ -26,7 +26,8 @@ pytest.importorskip("lancedb")
 
 from indexer.__main__ import main  # noqa: E402
 from indexer.lance import LanceSink, build_index, open_table, search_vector  # noqa: E402
-from indexer.ray_pipeline import ROWS, RayOptions, pending_rows, prepare_batch, run_ray  # noqa: E402
+from indexer.ray_pipeline import RayOptions, pending_rows, run_ray  # noqa: E402
+from indexer.ray_workers import ROWS, prepare_batch  # noqa: E402
 from indexer.embed import Report  # noqa: E402
 from indexer.sources import close_pdfs, load_image, render_pdf_page  # noqa: E402
 from indexer.store import read_index  # noqa: E402
