@@ -4,7 +4,9 @@
     python -m indexer search --index index.parquet --server http://localhost:3000 "query text" -k 5
 
 Modules: sources (what to embed: images, PDF pages, texts), client (servers, retries), store (resumable Parquet),
-embed (the pipeline and its report), search (cosine top-k). See docs/indexing.md.
+embed (the pipeline and its report), search (cosine top-k). With the `indexer` extra: ray_pipeline (the same on
+Ray Data, `python -m indexer ray`), lance (a LanceDB table as the index), query (search either kind of index).
+See docs/indexing.md.
 """
 
 from indexer.client import HostNotFound, RequestFailed, ServerPool
