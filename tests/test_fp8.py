@@ -117,6 +117,20 @@ def test_stacked_layers_get_one_scale_per_layer_and_channel():
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(one_by_one), rtol=1e-6, atol=1e-6)
     assert cosine(np.asarray(scanned), np.asarray(exact)).min() >= 0.995  # six e4m3 products in a row
 
+    # Static calibration through the scan: one amax per layer, in layer order.
+    amax = fp8.calibrate(graphdef, state, lambda forward: forward(x), prefixes=("layers.",))
+    h, expected = x, []
+    for i in range(layers):
+        block = nnx.merge(*nnx.split(stack.layers)[:1], jax.tree.map(lambda p: p[i], nnx.split(stack.layers)[1]))
+        expected.append(float(jnp.max(jnp.abs(h))))
+        h = block(h)
+    assert set(amax) == {"layers.up", "layers.down"} and amax["layers.up"].shape == (layers,)
+    np.testing.assert_allclose(amax["layers.up"], expected, rtol=1e-6)
+    static = fp8.Recipe(prefixes=("layers.",), activation="static", input_amax=amax)
+    sg, ss = fp8.quantize(graphdef, state, static, param_dtype=jnp.float32)
+    assert {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(ss)}["layers.up.input_scale"].shape == (3, 1)
+    assert cosine(np.asarray(nnx.merge(sg, ss)(x)), np.asarray(exact)).min() >= 0.995
+
 
 # ------------------------------------------------------------------------------------------------ where it runs
 def _device(platform, capability=None, kind="NVIDIA test"):
