@@ -153,7 +153,7 @@ class Engine:
         if kind == "text":
             return self._staged.text.lower(state, ids, lengths)
         features = spec((self.feature_capacity * self.embedder.config.tokens_per_tile,
-                         self.embedder.config.embedding_size), jnp.dtype(self.embedder.dtype))
+                         self.embedder.config.embedding_size), jnp.dtype(self.embedder.compute_dtype))
         return self._staged.multimodal.lower(state, ids, lengths, spec((rows, length), jnp.int32), features)
 
     def bucket_keys(self) -> list[tuple]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from model import fp8
 from model.batching import PreparedInput, collate
 from model.config import ModelConfig
 from model.network import Batch, make_forward
@@ -28,7 +29,9 @@ from model.processor import ImageSource, Processor
 from model.tokenization import Prompter, Truncate
 from model.weights import load_network
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# dtype -> compute dtype. "fp8": the linear layers of the vision tower and the decoder multiply in e4m3 (model/fp8.py),
+# everything else computes in bfloat16.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp8": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,7 @@ def default_dtype() -> str:
 
 class Embedder:
     def __init__(self, converted_dir: str | Path, *, dtype: str | None = None, max_tiles: int | None = None,
-                 attention_implementation: str | None = None):
+                 attention_implementation: str | None = None, fp8_recipe: fp8.Recipe | None = None):
         self.path = Path(converted_dir)
         self.config = ModelConfig.from_dir(self.path)
         self.dtype = dtype or default_dtype()
@@ -62,8 +65,18 @@ class Embedder:
             jax.config.update("jax_default_matmul_precision", "highest")
         self.processor = Processor(self.config, Prompter.from_dir(self.path, self.config), max_tiles)
         self.max_tiles = self.processor.max_tiles
-        self.graphdef, self.state = load_network(self.path, self.config, dtype=DTYPES[self.dtype],
-                                                 attention_implementation=attention_implementation)
+        self.compute_dtype = jnp.dtype(DTYPES[self.dtype]).name
+        if self.dtype == "fp8":
+            fp8.check_device()
+            # Loaded in float32 so that each weight is rounded once, to e4m3, not to bfloat16 first.
+            graphdef, state = load_network(self.path, self.config, dtype=DTYPES[self.dtype], param_dtype=jnp.float32,
+                                           attention_implementation=attention_implementation)
+            self.graphdef, self.state = fp8.quantize(graphdef, state, fp8_recipe or fp8.SERVING,
+                                                     param_dtype=DTYPES[self.dtype])
+            del graphdef, state
+        else:
+            self.graphdef, self.state = load_network(self.path, self.config, dtype=DTYPES[self.dtype],
+                                                     attention_implementation=attention_implementation)
         self._forward = make_forward(self.graphdef)
         manifest = self.path / "manifest.json"
         self.manifest: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}

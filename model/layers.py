@@ -16,9 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.fp8 import Dense
 
-def linear(rngs: nnx.Rngs, d_in: int, d_out: int, *, bias: bool, dtype, param_dtype) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+def linear(rngs: nnx.Rngs, d_in: int, d_out: int, *, bias: bool, dtype, param_dtype) -> Dense:
+    """`nnx.Linear` (params `kernel` [in, out], `bias`), which `model.fp8.quantize` can turn into an FP8 product
+    after loading."""
+    return Dense(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class LayerNorm(nnx.Module):

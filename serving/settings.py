@@ -27,8 +27,9 @@ class Settings(BaseModel):
     model_revision: str | None = Field(None, alias="EMBED_MODEL_REVISION", description="Hub revision (Hub ids only)")
     model_name: str = Field(DEFAULT_MODEL_ID, alias="EMBED_MODEL_NAME", min_length=1,
                             description="served model id (`model` in requests, /v1/models)")
-    dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, alias="EMBED_DTYPE", description="compute dtype; default bfloat16 on GPU, float32 on CPU")
+    dtype: Literal["float32", "bfloat16", "fp8"] | None = Field(
+        None, alias="EMBED_DTYPE", description="compute dtype; default bfloat16 on GPU, float32 on CPU; fp8: e4m3 "
+                                               "linear layers, GPUs of compute capability >= 8.9 only")
     max_tiles: int = Field(6, alias="EMBED_MAX_TILES", ge=1, description="image tiles before the thumbnail")
 
     # ---- request limits (the API contract) -------------------------------------------------------------------

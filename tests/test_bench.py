@@ -58,3 +58,23 @@ def test_python_api_bench_compares_both_paths():
     assert set(ratios(out)) == {f"Python API/engine path throughput, {w}" for w in workloads}
     rows = [row for row in out.splitlines() if row.startswith(tuple(f"| {w} |" for w in workloads))]
     assert len(rows) == 3 and min(float(row.split("|")[-2]) for row in rows) >= 0.9999  # the same vectors
+
+
+@pytest.mark.slow
+def test_fp8_speed_runs_and_compares_both_dtypes():
+    out = run("fp8_speed.py", "--rows", "2", "--length", "32", "--query-rows", "2", "--query-length", "16",
+              "--tiles", "1", "--repeats", "1", "--ceiling-size", "128")
+    rows = [row.split("|")[1:-1] for row in out.splitlines() if row.startswith("| ") and "x" in row]
+    found = {(r[0].strip(), r[1].strip()) for r in rows}
+    for workload in ("passages 2x32 tok", "queries 2x16 tok", "image tiles x1"):
+        assert {(workload, d) for d in ("bfloat16", "fp8", "fp8 bf16-product")} <= found
+    assert all(float(r[-1]) > 0.9 for r in rows)  # the FP8 passes compute the same vectors, give or take e4m3
+
+
+@pytest.mark.slow
+def test_fp8_accuracy_runs_and_reports_every_input_kind():
+    out = run("fp8_accuracy.py", "--docs", "8", "--queries", "8", "--no-diagnostics")
+    table = {row.split("|")[1].strip(): row for row in out.splitlines() if row.startswith("| ")}
+    for kind in ("query", "passage ~2k tok", "image 6+1 tiles", "image+text", "**least**"):
+        assert kind in table
+    assert "fp8 channel/token (served) / bfloat16" in table
