@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from model import stacked
 from model.config import ModelConfig
 from model.llama import LlamaModel
 from model.projector import Projector, pixel_shuffle
@@ -107,10 +108,23 @@ def param_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flax parameter name -> shape, from the configuration alone (no allocation)."""
+def stacked_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter name -> shape as the network holds them, each tower's layers stacked on a leading axis
+    (`language_model.layers.mlp.up_proj.kernel` [L, D, F]); from the configuration alone (no allocation)."""
     state = nnx.state(build_abstract(cfg), nnx.Param)
     return {param_path(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter name -> shape with every layer listed apart (`language_model.layers.{i}.…`), one entry per
+    tensor of the checkpoint: the names conversion maps to before it stacks them (`stacked_shapes`)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in stacked_shapes(cfg).items():
+        if stacked.is_stacked(name):
+            out.update({stacked.layer_name(name, i): shape[1:] for i in range(shape[0])})
+        else:
+            out[name] = shape
+    return out
 
 
 def make_forward(graphdef: nnx.GraphDef):
