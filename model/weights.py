@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -11,7 +12,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from model.config import ModelConfig
-from model.network import NemotronEmbedVL, build_abstract, param_path
+from model.layers import ATTENTION_KERNELS
+from model.network import NemotronEmbedVL, build_abstract, choose_attentions, param_path
 
 PARAMS_FILE = "flax_params.safetensors"
 # The converted layout this code reads; conversion writes it in the file's metadata and the manifest. Version 2
@@ -31,8 +33,12 @@ def load_network(path: str | Path, cfg: ModelConfig, *, dtype, param_dtype=None,
     Built on `nnx.eval_shape` (nothing allocated twice); fails on unknown, missing or mis-shaped parameters.
     """
     param_dtype = param_dtype or dtype
-    abstract = build_abstract(cfg, dtype=dtype, param_dtype=param_dtype,
-                              attention_implementation=attention_implementation)
+    # Chosen here, concretely, never while a bucket is traced (where a failing kernel could not be caught).
+    requested = attention_implementation or os.environ.get("EMBED_ATTENTION") or None
+    if requested not in (None, *ATTENTION_KERNELS):
+        raise ValueError(f"attention implementation must be one of {list(ATTENTION_KERNELS)}; got {requested!r}")
+    attentions = choose_attentions(cfg, requested, dtype)
+    abstract = build_abstract(cfg, dtype=dtype, param_dtype=param_dtype, attention_implementation=attentions)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     wanted = {param_path(p): p for p in flat}
