@@ -14,8 +14,11 @@ It knows nothing of HTTP.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -26,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from engine import compilation_cache, programs
 from engine.buckets import BucketPlan
+from engine.programs import ProgramStore
 from model.batching import PreparedInput
 from model.embedder import Embedder
 from model.tokenization import InputTooLongError
@@ -85,6 +90,7 @@ class Observer(Protocol):
 class EngineStats:
     compilations: int = 0
     compilations_after_ready: int = 0
+    programs_loaded: int = 0  # bucket executables loaded from the program store instead of compiled
     passes: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
@@ -122,17 +128,28 @@ class Engine:
 
     # ---- compilation ----------------------------------------------------------------------------------------
     def _executable(self, key: tuple) -> Any:
-        """The compiled function for one bucket; compiling here after warm-up is counted as a miss."""
+        """The compiled function for one bucket: loaded from the program store when it holds it, else compiled
+        (and stored); compiling here after warm-up is counted as a miss."""
         fn = self._compiled.get(key)
         if fn is not None:
             return fn
         start = time.perf_counter()
-        fn = self._lower(key).compile()  # outside the lock: warm-up compiles several buckets at once
+        function, args, static = self._lower_args(key)
+        store = self._programs
+        fn = store.load(key, jax.tree_util.tree_structure((args, {}))) if store else None
+        loaded = fn is not None
+        if not loaded:
+            fn = function.lower(*args, **static).compile()  # outside the lock: warm-up compiles several at once
+            if store:
+                store.save(key, fn)
         seconds = time.perf_counter() - start
         with self._compile_lock:
             if key in self._compiled:
                 return self._compiled[key]
             self._compiled[key] = fn
+            if loaded:
+                self.stats.programs_loaded += 1
+                return fn
             self.stats.compilations += 1
             if self.ready:
                 self.stats.compilations_after_ready += 1
@@ -141,20 +158,39 @@ class Engine:
                 self.observer.on_compile(key[0], seconds, self.ready)
             return fn
 
-    def _lower(self, key: tuple):
+    @functools.cached_property
+    def _programs(self) -> ProgramStore | None:
+        """Where compiled programs are kept between starts (beside XLA's persistent cache), or None."""
+        directory = compilation_cache.program_dir()
+        if directory is None:
+            return None
+        embedder = self.embedder
+        return ProgramStore(directory, {
+            **programs.environment(), "code": programs.code_digest(),
+            # The network's static structure (widths, eps, dtypes, attention kernels) without object addresses.
+            "network": hashlib.sha256(re.sub(r" at 0x[0-9a-f]+", "", repr(embedder.graphdef)).encode()).hexdigest(),
+            "config": repr(embedder.config), "dtype": embedder.dtype,
+            "parameters": [(programs.param_name(p), tuple(v.shape), str(v.dtype))
+                           for p, v in jax.tree_util.tree_leaves_with_path(embedder.state)],
+            "checkpoint": embedder.manifest.get("files") or str(embedder.path.resolve()),
+            "feature_capacity": self.feature_capacity, "tile": self._tile_shape,
+        })
+
+    def _lower_args(self, key: tuple) -> tuple[Any, tuple, dict]:
+        """(jitted function, its arguments' shapes, static arguments) of one bucket."""
         state = self.embedder.state
         spec = jax.ShapeDtypeStruct
         kind = key[0]
         if kind == "vision":
-            return self._staged.vision.lower(state, spec((key[1], *self._tile_shape), jnp.uint8),
-                                             capacity=self.feature_capacity)
+            return (self._staged.vision, (state, spec((key[1], *self._tile_shape), jnp.uint8)),
+                    {"capacity": self.feature_capacity})
         rows, length = key[1], key[2]
         ids, lengths = spec((rows, length), jnp.int32), spec((rows,), jnp.int32)
         if kind == "text":
-            return self._staged.text.lower(state, ids, lengths)
+            return self._staged.text, (state, ids, lengths), {}
         features = spec((self.feature_capacity * self.embedder.config.tokens_per_tile,
                          self.embedder.config.embedding_size), jnp.dtype(self.embedder.dtype))
-        return self._staged.multimodal.lower(state, ids, lengths, spec((rows, length), jnp.int32), features)
+        return self._staged.multimodal, (state, ids, lengths, spec((rows, length), jnp.int32), features), {}
 
     def bucket_keys(self) -> list[tuple]:
         keys: list[tuple] = [("text", r, n) for r, n in self.plan.text_shapes()]
@@ -179,7 +215,8 @@ class Engine:
                 raise result
         self.stats.warmup_seconds = time.perf_counter() - start
         self.ready = True
-        log.info("warm-up: %d buckets compiled in %.1fs", len(keys), self.stats.warmup_seconds)
+        log.info("warm-up: %d buckets ready in %.1fs (%d compiled, %d loaded from the program store)", len(keys),
+                 self.stats.warmup_seconds, self.stats.compilations, self.stats.programs_loaded)
         return self.stats.warmup_seconds
 
     # ---- host side ------------------------------------------------------------------------------------------

@@ -183,3 +183,44 @@ def test_packing_equals_the_plain_rule(engine, seed):
         prepared[i] = PreparedInput(np.zeros(min(n, 160), np.int32),
                                     np.zeros((tiles, 1, 1, 3), np.uint8) if tiles else None)
     assert engine.pack(prepared) == reference_pack(engine.plan, engine.config.pass_overhead_tokens, prepared)
+
+
+def small_engine(embedder):
+    return Engine(embedder, EngineConfig(max_length=64, max_batch_tokens=128, max_rows=2, max_tiles=1))
+
+
+def test_a_warm_start_loads_stored_programs_instead_of_compiling(tiny_embedder, tiny_converted, tmp_path,
+                                                                 monkeypatch, caplog):
+    """The second engine loads every bucket's executable; one of another dtype, or a damaged file, compiles."""
+    import engine.compilation_cache as compilation_cache
+    from model import Embedder
+
+    monkeypatch.setattr(compilation_cache, "_program_dir", tmp_path / "programs")
+    items = [EngineItem(text="a short query", input_type="query"), EngineItem(image=png(40, 40), input_type="passage"),
+             EngineItem(text="alpha beta " * 4, input_type="passage")]
+    first = small_engine(tiny_embedder)
+    first.warmup()
+    keys = first.bucket_keys()
+    assert first.stats.compilations == len(keys) and first.stats.programs_loaded == 0
+    [store] = [p for p in (tmp_path / "programs").iterdir()]
+    assert len(list(store.glob("*.exe"))) == len(keys)
+    expected = first.embed(items)
+
+    second = small_engine(tiny_embedder)
+    second.warmup()
+    assert second.stats.compilations == 0 and second.stats.programs_loaded == len(keys)
+    assert all(isinstance(v, np.ndarray) for v in expected), expected
+    for a, b in zip(second.embed(items), expected):
+        np.testing.assert_array_equal(a, b)
+
+    bf16 = small_engine(Embedder(tiny_converted, dtype="bfloat16"))
+    assert bf16._programs.directory != second._programs.directory
+    assert bf16._executable(keys[0]) is not None and bf16.stats.compilations == 1
+
+    (store / second._programs.file_name(keys[0])).write_bytes(b"not an executable")
+    third = small_engine(tiny_embedder)
+    with caplog.at_level("WARNING", logger="engine.programs"):
+        third._executable(keys[0])
+    assert third.stats.compilations == 1 and "unusable" in caplog.text
+    for engine in (first, second, bf16, third):
+        engine.close()
