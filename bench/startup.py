@@ -9,7 +9,8 @@ a fresh process with no compilation cache. `--full` adds the real configuration 
 
 `serve`: starts `bentoml serve` on a random checkpoint (tiny, or mid: the real widths with 2 + 2 layers) with an
 empty compilation cache (cold), then again on the same cache (warm), and records: start -> first 200 on
-/v1/health/live, live -> first 200 on /v1/health/ready, and the server's own "ready:" log line.
+/v1/health/live, live -> first 200 on /v1/health/ready, the CPU seconds the server's processes had used by then
+(comparable on a shared machine, where wall time depends on the neighbours' load), and its own "ready:" log line.
 
 --before ROOT runs every measurement also with the code checked out at ROOT (its own conversion, its own server), in
 the same run, so the two columns share the machine's load. Results are appended to --log
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, machine, scratch_dir
+from server import cpu_seconds
 
 try:
     import httpx
@@ -137,6 +139,7 @@ def serve_once(root: Path, model_dir: Path, cache: Path, log_file: Path, timeout
                     live = time.perf_counter() - start
                 elif ok and live is not None:
                     ready = time.perf_counter() - start
+                    cpu = cpu_seconds(proc.pid)
             time.sleep(0.1)
         if ready is None:
             raise TimeoutError(f"not ready after {timeout:.0f} s; see {log_file}")
@@ -150,7 +153,7 @@ def serve_once(root: Path, model_dir: Path, cache: Path, log_file: Path, timeout
     text = log_file.read_text()
     m = re.search(r"ready: .* loaded in ([\d.]+)s, (\d+) buckets compiled in ([\d.]+)s", text)
     return {"start_to_live_s": round(live, 1), "live_to_ready_s": round(ready - live, 1),
-            "start_to_ready_s": round(ready, 1),
+            "start_to_ready_s": round(ready, 1), "cpu_s_to_ready": round(cpu, 1),
             "log_loaded_s": float(m[1]) if m else None, "log_compiled": int(m[2]) if m else None,
             "log_warmup_s": float(m[3]) if m else None}
 

@@ -103,7 +103,8 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
         # Every layer's parameters stacked on a leading axis [L, …], run by one scan (see model/stacked.py).
         self.layers = stacked.stack(
-            lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r, implementation=implementation),
+            lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                        implementation=implementation),
             cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 

@@ -59,7 +59,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def choose_attentions(cfg: ModelConfig, requested: str | None, dtype, backend: str | None = None) -> dict[str, str | None]:
+def choose_attentions(cfg: ModelConfig, requested: str | None, dtype,
+                      backend: str | None = None) -> dict[str, str | None]:
     """The attention kernel of each tower ({"vision": …, "text": …}), chosen concretely at load time: the towers'
     head sizes differ (72 and 64 in the real model) and cuDNN may run one and not the other."""
     vision_head = cfg.vision.hidden_size // cfg.vision.num_attention_heads
@@ -70,7 +71,8 @@ def choose_attentions(cfg: ModelConfig, requested: str | None, dtype, backend: s
 class NemotronEmbedVL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  attention_implementation: str | Mapping[str, str | None] | None = None):
-        """attention_implementation: one kernel for both towers, or {"vision": …, "text": …} (`choose_attentions`)."""
+        """attention_implementation: one kernel for both towers, or {"vision": …, "text": …}
+        (`choose_attentions`)."""
         self.cfg = cfg
         self.dtype = dtype
         per_tower = attention_implementation if isinstance(attention_implementation, Mapping) else \

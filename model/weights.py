@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -34,10 +33,10 @@ def load_network(path: str | Path, cfg: ModelConfig, *, dtype, param_dtype=None,
     """
     param_dtype = param_dtype or dtype
     # Chosen here, concretely, never while a bucket is traced (where a failing kernel could not be caught).
-    requested = attention_implementation or os.environ.get("EMBED_ATTENTION") or None
-    if requested not in (None, *ATTENTION_KERNELS):
-        raise ValueError(f"attention implementation must be one of {list(ATTENTION_KERNELS)}; got {requested!r}")
-    attentions = choose_attentions(cfg, requested, dtype)
+    if attention_implementation not in (None, *ATTENTION_KERNELS):
+        raise ValueError(f"attention implementation must be one of {list(ATTENTION_KERNELS)}; "
+                         f"got {attention_implementation!r}")
+    attentions = choose_attentions(cfg, attention_implementation, dtype)
     abstract = build_abstract(cfg, dtype=dtype, param_dtype=param_dtype, attention_implementation=attentions)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))

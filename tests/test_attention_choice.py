@@ -54,19 +54,15 @@ def test_a_passing_probe_picks_cudnn_per_tower(fresh_probe, monkeypatch, tiny_co
     assert choose_attentions(cfg, None, jnp.bfloat16, backend="cpu") == {"vision": None, "text": None}
 
 
-def test_the_loaded_network_carries_the_choice(monkeypatch, tiny_converted):
+def test_the_loaded_network_carries_the_choice(tiny_converted):
     cfg = ModelConfig.from_dir(tiny_converted)
-    monkeypatch.setenv("EMBED_ATTENTION", "blocked")
-    graphdef, state = load_network(tiny_converted, cfg, dtype=jnp.float32)
-    network = layers.nnx.merge(graphdef, state)
-    assert network.language_model.layers.self_attn.implementation == "blocked"
-    assert network.vision_model.encoder.layers.self_attn.implementation == "blocked"
-    blocked = network.language_model(jnp.ones((1, 8, 64)), jnp.asarray([5], jnp.int32))
-    monkeypatch.setenv("EMBED_ATTENTION", "xla")
-    graphdef, state = load_network(tiny_converted, cfg, dtype=jnp.float32)
-    network = layers.nnx.merge(graphdef, state)
-    np.testing.assert_allclose(network.language_model(jnp.ones((1, 8, 64)), jnp.asarray([5], jnp.int32)), blocked,
-                               atol=1e-5)
-    monkeypatch.setenv("EMBED_ATTENTION", "fast")
+    outputs = []
+    for kernel in ("blocked", "xla"):
+        graphdef, state = load_network(tiny_converted, cfg, dtype=jnp.float32, attention_implementation=kernel)
+        network = layers.nnx.merge(graphdef, state)
+        assert network.language_model.layers.self_attn.implementation == kernel
+        assert network.vision_model.encoder.layers.self_attn.implementation == kernel
+        outputs.append(network.language_model(jnp.ones((1, 8, 64)), jnp.asarray([5], jnp.int32)))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
     with pytest.raises(ValueError, match="attention implementation must be one of"):
-        load_network(tiny_converted, cfg, dtype=jnp.float32)
+        load_network(tiny_converted, cfg, dtype=jnp.float32, attention_implementation="fast")

@@ -224,3 +224,50 @@ def test_a_warm_start_loads_stored_programs_instead_of_compiling(tiny_embedder, 
     assert third.stats.compilations == 1 and "unusable" in caplog.text
     for engine in (first, second, bf16, third):
         engine.close()
+
+
+class CompileLog:
+    def __init__(self):
+        self.calls = []
+
+    def on_compile(self, kind, seconds, after_ready):
+        self.calls.append((kind, after_ready))
+
+    def on_pass(self, *args, **kwargs):
+        pass
+
+
+def test_ready_early_serves_any_shape_correctly_and_counts_what_it_compiled_late(tiny_embedder, monkeypatch):
+    config = EngineConfig(max_length=64, max_batch_tokens=128, max_rows=4, max_tiles=2, ready_early=True)
+    items = [EngineItem(text="a short query", input_type="query"), EngineItem(text="alpha " * 8, input_type="passage"),
+             EngineItem(image=png(40, 40), input_type="passage"),
+             EngineItem(image=png(50, 30, 1), input_type="passage")]
+    full = Engine(tiny_embedder, EngineConfig(max_length=64, max_batch_tokens=128, max_rows=4, max_tiles=2))
+    full.warmup()
+    expected = full.embed(items)
+    assert all(isinstance(v, np.ndarray) for v in expected), expected
+
+    # The background warm-up held back: a batch of several inputs compiles its bucket when it needs it.
+    monkeypatch.setattr(Engine, "_compile_rest", lambda self, keys: None)
+    observer = CompileLog()
+    early = Engine(tiny_embedder, config, observer=observer)
+    early.warmup()
+    assert early.ready and set(early._compiled) == set(early.early_keys()) < set(early.bucket_keys())
+    assert all(k[1] == 1 for k in early.early_keys() if k[0] != "vision")
+    for a, b in zip(early.embed(items), expected):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert len([c for c in observer.calls if c[1]]) == early.stats.compilations_after_ready >= 1
+    early.close()
+
+    # With it: every bucket ends up compiled, none of them counted as a miss.
+    monkeypatch.undo()
+    observer = CompileLog()
+    background = Engine(tiny_embedder, config, observer=observer)
+    background.warmup()
+    assert background.wait_warm(timeout=600)
+    assert background.stats.compilations == len(background.bucket_keys())
+    assert background.stats.compilations_after_ready == 0 and not [c for c in observer.calls if c[1]]
+    for a, b in zip(background.embed(items), expected):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    for engine in (full, background):
+        engine.close()
