@@ -1,7 +1,7 @@
 """Time to ready of a `bentoml serve` replica, and compile time of one program against the decoder's depth.
 
     python bench/startup.py compile [--layers 2 16] [--rows 16 --length 512] [--full] [--before /work/main]
-    python bench/startup.py serve [--size tiny mid] [--phase cold warm] [--before /work/main]
+    python bench/startup.py serve [--size tiny mid] [--phase cold warm] [--ready-early] [--before /work/main]
 
 `compile`: one text program (rows × length tokens) of a network with abstract weights (nothing allocated, no
 checkpoint), at the real widths, for each decoder depth in --layers: seconds to trace, lower and compile it, each in
@@ -108,14 +108,14 @@ def convert_with(root: Path, src: Path, out: Path) -> None:
                    env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)
 
 
-def serve_once(root: Path, model_dir: Path, cache: Path, log_file: Path, timeout: float) -> dict:
+def serve_once(root: Path, model_dir: Path, cache: Path, log_file: Path, timeout: float, extra_env: dict) -> dict:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "EMBED_MODEL": str(model_dir), "EMBED_COMPILATION_CACHE": str(cache),
-           "EMBED_CACHE_DIR": str(cache.parent), "PYTHONPATH": str(root)}
+           "EMBED_CACHE_DIR": str(cache.parent), "PYTHONPATH": str(root), **extra_env}
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     url = f"http://127.0.0.1:{port}"
     with open(log_file, "w") as out:
@@ -167,13 +167,16 @@ def serve_bench(args, log: Path) -> None:
     for size in args.size:
         src = write_random_checkpoint(work / f"{size}-hf", size=size, seed=0, dtype="float32")
         for label, root in code_roots(args.before):
+            extra_env = {"EMBED_READY_EARLY": "true"} if args.ready_early and label == "after" else {}
+            label += "+ready_early" if extra_env else ""
             converted = work / f"{size}-{label}"
             convert_with(root, src, converted)
             cache = work / f"{size}-{label}-cache" / "xla"
             shutil.rmtree(cache.parent, ignore_errors=True)
             cache.parent.mkdir(parents=True)
             for phase in args.phase:
-                result = serve_once(root, converted, cache, work / f"{size}-{label}-{phase}.log", args.timeout)
+                result = serve_once(root, converted, cache, work / f"{size}-{label}-{phase}.log", args.timeout,
+                                    extra_env)
                 log_line(log, {"bench": "serve_ready", "code": label, "size": size, "phase": phase, **result})
             shutil.rmtree(converted, ignore_errors=True)
         shutil.rmtree(src, ignore_errors=True)
@@ -194,6 +197,7 @@ def main() -> None:
     s.add_argument("--size", nargs="+", default=["tiny"], choices=["tiny", "mid"])
     s.add_argument("--phase", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
     s.add_argument("--timeout", type=float, default=900)
+    s.add_argument("--ready-early", action="store_true", help="this code with EMBED_READY_EARLY=true")
     for p in (c, s):
         p.add_argument("--before", help="also measure the code checked out at this root, in the same run")
         p.add_argument("--log", type=Path)
