@@ -1,11 +1,12 @@
 """Time to ready of a `bentoml serve` replica, and compile time of one program against the decoder's depth.
 
-    python bench/startup.py compile [--layers 2 16] [--rows 16 --length 512] [--full] [--before /work/main]
+    python bench/startup.py compile [--layers 2 16] [--rows 16 --length 512] [--run N] [--full] [--before /work/main]
     python bench/startup.py serve [--size tiny mid] [--phase cold warm] [--ready-early] [--before /work/main]
 
 `compile`: one text program (rows × length tokens) of a network with abstract weights (nothing allocated, no
 checkpoint), at the real widths, for each decoder depth in --layers: seconds to trace, lower and compile it, each in
-a fresh process with no compilation cache. `--full` adds the real configuration (27 + 16 layers) for GPU hosts.
+a fresh process with no compilation cache; with --run N, also the median seconds of one run of it (zero weights,
+which is where a scan over stacked layers could cost speed). `--full` adds the real configuration (27 + 16 layers) for GPU hosts.
 
 `serve`: starts `bentoml serve` on a random checkpoint (tiny, or mid: the real widths with 2 + 2 layers) with an
 empty compilation cache (cold), then again on the same cache (warm), and records: start -> first 200 on
@@ -46,6 +47,7 @@ from model.network import build_abstract, make_staged
 from conversion.random_checkpoint import SIZES
 
 size, layers, rows, length, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+runs = int(sys.argv[6])
 llm = dict(SIZES[size]["llm_config"])
 if layers:
     llm["num_hidden_layers"] = layers
@@ -62,12 +64,23 @@ traced = text.trace(state, spec((rows, length), jnp.int32), spec((rows,), jnp.in
 t_traced = clock()
 lowered = traced.lower()
 t_lowered = clock()
-lowered.compile()
+compiled = lowered.compile()
 t_compiled = clock()
 out = {"decoder_layers": cfg.text.num_hidden_layers, "width": cfg.text.hidden_size}
 for i, unit in ((0, "s"), (1, "cpu_s")):
     out |= {f"trace_{unit}": t_traced[i] - built[i], f"lower_{unit}": t_lowered[i] - t_traced[i],
             f"compile_{unit}": t_compiled[i] - t_lowered[i], f"total_{unit}": t_compiled[i] - built[i]}
+if runs:  # the program's speed too, on zero weights (dense products cost the same whatever the values)
+    import numpy as np
+    weights = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+    ids, lens = jnp.ones((rows, length), jnp.int32), jnp.full((rows,), length, jnp.int32)
+    compiled(weights, ids, lens).block_until_ready()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        compiled(weights, ids, lens).block_until_ready()
+        times.append(time.perf_counter() - t)
+    out["pass_s"] = float(np.median(times))
 print(json.dumps(out | {"hlo_kb": len(lowered.as_text()) // 1024, "backend": jax.default_backend()}))
 """
 
@@ -91,7 +104,7 @@ def compile_bench(args, log: Path) -> None:
             for label, root in code_roots(args.before):
                 env = {**os.environ, "PYTHONPATH": str(root)}
                 out = subprocess.run([sys.executable, "-c", WORKER, size, str(layers), str(args.rows),
-                                      str(args.length), args.dtype], cwd=root, env=env, capture_output=True, text=True)
+                                      str(args.length), args.dtype, str(args.run)], cwd=root, env=env, capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(out.stderr[-3000:])
                 result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,6 +202,7 @@ def main() -> None:
     c.add_argument("--layers", type=int, nargs="+", default=[2, 16])
     c.add_argument("--size", default="mid", choices=["tiny", "mid"], help="widths (mid: the real ones)")
     c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--run", type=int, default=0, help="also time this many runs of the program (median)")
     c.add_argument("--rows", type=int, default=16)
     c.add_argument("--length", type=int, default=512)
     c.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
