@@ -258,15 +258,16 @@ class NemotronEmbed:
         start = time.perf_counter()
         configure_compilation_cache(SETTINGS.compilation_cache or str(cache_root() / "xla"))
         embedder = Embedder.from_pretrained(SETTINGS.model, dtype=SETTINGS.dtype, revision=SETTINGS.model_revision,
-                                            max_tiles=SETTINGS.max_tiles)
+                                            max_tiles=SETTINGS.max_tiles, attention_implementation=SETTINGS.attention)
         config = EngineConfig.for_backend(
             max_length=SETTINGS.longest_input(), max_batch_tokens=SETTINGS.max_batch_tokens,
             max_rows=SETTINGS.max_rows, max_tiles=SETTINGS.max_tiles_per_pass,
-            host_threads=SETTINGS.decode_threads, image_formats=PILLOW_FORMATS)
+            host_threads=SETTINGS.decode_threads, image_formats=PILLOW_FORMATS, ready_early=SETTINGS.ready_early)
         metrics = get_metrics()
         runner = Runner(embedder, config, observer=metrics, max_wait_s=SETTINGS.max_wait_ms / 1000,
                         fault_batch_delay_s=SETTINGS.fault_batch_delay_s)
-        # Every bucket compiles before ready: compile time inside a batch would stall every request behind it.
+        # Every bucket compiles before ready (EMBED_READY_EARLY: those of one input alone, the rest in the background):
+        # compile time inside a batch would stall every request behind it.
         warmup = runner.warmup()
         startup = time.perf_counter() - start
         metrics.mark_ready(startup, warmup)

@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from conversion.mapping import MappingError, map_tensor, transformed_shape
 from conversion.safetensors_stream import DTYPE_NAMES, write_streaming
+from model import stacked
 from model.config import ModelConfig
 from model.network import param_shapes
+from model.weights import FORMAT, PARAMS_FILE
 
-PARAMS_FILE = "flax_params.safetensors"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-FORMAT = "nemotron-embed-vl-flax/1"
 SOURCE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -47,6 +47,14 @@ def tool_version() -> str:
 
 def is_converted(path: Path) -> bool:
     return (path / MANIFEST_FILE).is_file() and (path / PARAMS_FILE).is_file()
+
+
+def converted_format(path: Path) -> str | None:
+    """The format recorded in a converted directory's manifest (None when there is none)."""
+    try:
+        return json.loads((path / MANIFEST_FILE).read_text()).get("format")
+    except (OSError, ValueError):
+        return None
 
 
 def is_hf_checkpoint(path: Path) -> bool:
@@ -121,18 +129,38 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, sourc
             shown = "\n  ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
             raise ConversionError(f"{src} does not match the model described by its config.json:\n  {shown}")
 
-        out.mkdir(parents=True, exist_ok=True)
+        # Each tower's layers are stored stacked on a leading axis, as the network holds them: the per-layer
+        # tensors of one stacked parameter are written one after the other (a C-order [L, …] array is its layers'
+        # bytes in turn), so only one layer's tensor is ever in memory.
         by_flax = {p[0]: p for p in plan}
+        groups: dict[str, list[str]] = {}
+        for flax_name in sorted(by_flax, key=lambda n: stacked.stacked_name(n)[1] or 0):
+            groups.setdefault(stacked.stacked_name(flax_name)[0], []).append(flax_name)
+        specs = []
+        for target, members in sorted(groups.items()):
+            dtypes = {by_flax[m][5] for m in members}
+            if len(dtypes) > 1:
+                raise ConversionError(f"{src}: the layers of {target!r} come in several dtypes {sorted(dtypes)}: "
+                                      "pass --dtype to convert them to one")
+            shape = by_flax[members[0]][4]
+            specs.append((target, (len(members), *shape) if target not in by_flax else shape,
+                          DTYPE_NAMES[dtypes.pop()]))
+
+        out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(plan), desc="converting", unit="tensor", disable=not progress)
 
-        def load(flax_name: str) -> np.ndarray:
+        def tensor(flax_name: str) -> np.ndarray:
             _, name, file, transform, _, out_dtype = by_flax[flax_name]
             array = transform(handles[file].get_tensor(name))
             bar.update()
             return array.astype(out_dtype, copy=False)
 
+        def load(target: str):
+            if target in by_flax:
+                return tensor(target)
+            return (tensor(m) for m in groups[target])  # layer 0, 1, … in turn
+
         tmp = out / (PARAMS_FILE + ".partial")
-        specs = [(p[0], p[4], DTYPE_NAMES[p[5]]) for p in sorted(plan)]
         write_streaming(tmp, specs, load, metadata={"format": FORMAT})
         bar.close()
         os.replace(tmp, out / PARAMS_FILE)

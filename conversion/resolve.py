@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
-from conversion.convert import convert, is_converted, is_hf_checkpoint
+from conversion.convert import MANIFEST_FILE, convert, converted_format, is_converted, is_hf_checkpoint
+from model.weights import FORMAT
 
 DEFAULT_REPO_ID = "nvidia/llama-nemotron-embed-vl-1b-v2"
 # What a conversion needs from the Hub repo: weights, configs, tokenizer and licence texts (no remote code).
 HUB_PATTERNS = ["*.safetensors", "*.json", "LICENSE*", "*.md"]
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -118,6 +122,12 @@ def resolve(path_or_repo_id: str | Path, revision: str | None = None, progress: 
         raise ModelNotFoundError(f"{path} is neither a converted model nor a Hugging Face checkpoint "
                                  "(no manifest.json, no config.json with model.safetensors[.index.json])")
     out = cache_root() / "converted" / _fingerprint(path)
+    if is_converted(out) and converted_format(out) != FORMAT:
+        # Made by an older version in another layout: this cache is ours to redo (a directory the user converted
+        # is refused by the loader instead, with the command to convert it again).
+        log.warning("%s holds converted format %r, not %r: converting %s again", out, converted_format(out), FORMAT,
+                    path)
+        (out / MANIFEST_FILE).unlink()
     if not is_converted(out):
         convert(path, out, source=source, revision=src_revision, progress=progress)
     return out

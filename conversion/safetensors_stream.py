@@ -20,7 +20,8 @@ ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2}
 
 def write_streaming(path: Path, specs: Iterable[tuple[str, tuple[int, ...], str]],
                     load: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> int:
-    """specs: (name, shape, safetensors dtype) in file order; `load(name)` returns that tensor when it is written.
+    """specs: (name, shape, safetensors dtype) in file order; `load(name)` returns that tensor when it is written,
+    or an iterable of its consecutive slices along axis 0 (a stacked tensor written one layer at a time).
 
     Returns the number of bytes of tensor data written.
     """
@@ -37,11 +38,24 @@ def write_streaming(path: Path, specs: Iterable[tuple[str, tuple[int, ...], str]
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype in specs:
-            array = np.ascontiguousarray(load(name))
-            if tuple(array.shape) != tuple(shape) or DTYPE_NAMES[array.dtype.name] != dtype:
-                raise ValueError(f"{name}: got {array.dtype.name}{list(array.shape)}, header says {dtype}{list(shape)}")
-            if array.dtype.byteorder == ">":
-                array = array.astype(array.dtype.newbyteorder("<"))
-            f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of the tensor
-            del array
+            loaded = load(name)
+            sliced = not isinstance(loaded, np.ndarray)
+            rows = 0
+            for part in loaded if sliced else (loaded,):
+                if sliced and rows == shape[0]:
+                    raise ValueError(f"{name}: more than the {shape[0]} slices the header says")
+                array = np.ascontiguousarray(part)
+                part_shape = tuple(shape[1:]) if sliced else tuple(shape)
+                if tuple(array.shape) != part_shape or DTYPE_NAMES[array.dtype.name] != dtype:
+                    what = f" slice {rows}" if sliced else ""
+                    raise ValueError(f"{name}{what}: got {array.dtype.name}{list(array.shape)}, header says "
+                                     f"{dtype}{list(part_shape)}")
+                if array.dtype.byteorder == ">":
+                    array = array.astype(array.dtype.newbyteorder("<"))
+                f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of the tensor
+                rows += 1
+                del array, part
+            del loaded
+            if sliced and rows != shape[0]:
+                raise ValueError(f"{name}: got {rows} slices, header says {shape[0]}")
     return offset

@@ -10,16 +10,31 @@ tests/test_compilation_cache.py checks that a cache written with `zstandard` imp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 
 
-def configure_compilation_cache(directory: str | None) -> None:
-    """Use `directory` as the persistent cache for every compilation (none if None), with a stable key."""
+_program_dir: Path | None = None
+
+
+def configure_compilation_cache(directory: str | None, programs: bool = True) -> None:
+    """Use `directory` as the persistent cache for every compilation (none if None), with a stable key.
+
+    With `programs`, engines created afterwards also keep each bucket's executable in `directory/programs` (see
+    engine/programs.py), which skips tracing and lowering too."""
+    global _program_dir
     pin_cache_compression()
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _program_dir = Path(directory) / "programs" if directory and programs else None
+
+
+def program_dir() -> Path | None:
+    """Where engines keep their bucket executables (None: compile every start)."""
+    return _program_dir
 
 
 def pin_cache_compression() -> str:

@@ -14,8 +14,11 @@ It knows nothing of HTTP.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -26,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from engine import compilation_cache, programs
 from engine.buckets import BucketPlan
+from engine.programs import ProgramStore
 from model.batching import PreparedInput
 from model.embedder import Embedder
 from model.tokenization import InputTooLongError
@@ -61,6 +66,9 @@ class EngineConfig:
     pass_overhead_tokens: int = 64  # what launching one more forward pass costs, in computed tokens
     host_threads: int = 4
     image_formats: tuple[str, ...] | None = None  # Pillow formats an encoded image may be (None: any)
+    # Ready once the programs of one input alone are compiled (`Engine.early_keys`); the rest compile in the
+    # background, and a pass that needs one of them first compiles it then (counted as after ready).
+    ready_early: bool = False
 
     @classmethod
     def for_backend(cls, backend: str | None = None, **overrides) -> EngineConfig:
@@ -85,6 +93,7 @@ class Observer(Protocol):
 class EngineStats:
     compilations: int = 0
     compilations_after_ready: int = 0
+    programs_loaded: int = 0  # bucket executables loaded from the program store instead of compiled
     passes: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
@@ -116,45 +125,101 @@ class Engine:
         self.ready = False
         self._staged = make_staged(embedder.graphdef)
         self._compiled: dict[tuple, Any] = {}
+        self._compiling: dict[tuple, Future] = {}  # one compilation per bucket, whoever asks for it meanwhile
         self._compile_lock = threading.Lock()
+        self._background: threading.Thread | None = None
+        self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(self.config.host_threads, thread_name_prefix="engine-host")
         self._tile_shape = (cfg.force_image_size, cfg.force_image_size, cfg.vision.num_channels)
 
     # ---- compilation ----------------------------------------------------------------------------------------
-    def _executable(self, key: tuple) -> Any:
-        """The compiled function for one bucket; compiling here after warm-up is counted as a miss."""
+    def _executable(self, key: tuple, planned: bool = False) -> Any:
+        """The compiled function for one bucket: loaded from the program store when it holds it, else compiled
+        (and stored). Compiling here after ready, unless `planned` (the background warm-up), is counted as a miss."""
         fn = self._compiled.get(key)
         if fn is not None:
             return fn
-        start = time.perf_counter()
-        fn = self._lower(key).compile()  # outside the lock: warm-up compiles several buckets at once
-        seconds = time.perf_counter() - start
         with self._compile_lock:
             if key in self._compiled:
                 return self._compiled[key]
+            pending = self._compiling.get(key)
+            if pending is None:
+                pending = self._compiling[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:  # another thread is compiling it: wait for that one
+            return pending.result()
+        try:
+            fn, loaded, seconds = self._build(key)
+        except BaseException as e:
+            with self._compile_lock:
+                del self._compiling[key]
+            pending.set_exception(e)
+            raise
+        with self._compile_lock:
             self._compiled[key] = fn
-            self.stats.compilations += 1
-            if self.ready:
-                self.stats.compilations_after_ready += 1
-                log.warning("compiled %s after ready (%.2fs): the bucket plan missed a shape", key, seconds)
-            if self.observer:
-                self.observer.on_compile(key[0], seconds, self.ready)
-            return fn
+            del self._compiling[key]
+            if loaded:
+                self.stats.programs_loaded += 1
+            else:
+                self.stats.compilations += 1
+                missed = self.ready and not planned
+                if missed:
+                    self.stats.compilations_after_ready += 1
+                    log.warning("compiled %s after ready (%.2fs): the bucket plan missed a shape, or the background "
+                                "warm-up had not reached it", key, seconds)
+                if self.observer:
+                    self.observer.on_compile(key[0], seconds, missed)
+        pending.set_result(fn)
+        return fn
 
-    def _lower(self, key: tuple):
+    def _build(self, key: tuple) -> tuple[Any, bool, float]:
+        """(executable, whether it was loaded rather than compiled, seconds) for one bucket."""
+        start = time.perf_counter()
+        function, args, static = self._lower_args(key)
+        store = self._programs
+        fn = store.load(key, jax.tree_util.tree_structure((args, {}))) if store else None
+        loaded = fn is not None
+        if not loaded:
+            fn = function.lower(*args, **static).compile()
+            if store:
+                store.save(key, fn)
+        return fn, loaded, time.perf_counter() - start
+
+    @functools.cached_property
+    def _programs(self) -> ProgramStore | None:
+        """Where compiled programs are kept between starts (beside XLA's persistent cache), or None."""
+        directory = compilation_cache.program_dir()
+        if directory is None:
+            return None
+        embedder = self.embedder
+        return ProgramStore(directory, {
+            **programs.environment(), "code": programs.code_digest(),
+            # The network's static structure (widths, eps, dtypes, attention kernels) without object addresses.
+            "network": hashlib.sha256(re.sub(r" at 0x[0-9a-f]+", "", repr(embedder.graphdef)).encode()).hexdigest(),
+            "config": repr(embedder.config), "dtype": embedder.dtype,
+            "parameters": [(programs.param_name(p), tuple(v.shape), str(v.dtype))
+                           for p, v in jax.tree_util.tree_leaves_with_path(embedder.state)],
+            "checkpoint": embedder.manifest.get("files") or str(embedder.path.resolve()),
+            "feature_capacity": self.feature_capacity, "tile": self._tile_shape,
+        })
+
+    def _lower_args(self, key: tuple) -> tuple[Any, tuple, dict]:
+        """(jitted function, its arguments' shapes, static arguments) of one bucket."""
         state = self.embedder.state
         spec = jax.ShapeDtypeStruct
         kind = key[0]
         if kind == "vision":
-            return self._staged.vision.lower(state, spec((key[1], *self._tile_shape), jnp.uint8),
-                                             capacity=self.feature_capacity)
+            return (self._staged.vision, (state, spec((key[1], *self._tile_shape), jnp.uint8)),
+                    {"capacity": self.feature_capacity})
         rows, length = key[1], key[2]
         ids, lengths = spec((rows, length), jnp.int32), spec((rows,), jnp.int32)
         if kind == "text":
-            return self._staged.text.lower(state, ids, lengths)
+            return self._staged.text, (state, ids, lengths), {}
         features = spec((self.feature_capacity * self.embedder.config.tokens_per_tile,
                          self.embedder.config.embedding_size), jnp.dtype(self.embedder.compute_dtype))
-        return self._staged.multimodal.lower(state, ids, lengths, spec((rows, length), jnp.int32), features)
+        return self._staged.multimodal, (state, ids, lengths, spec((rows, length), jnp.int32), features), {}
 
     def bucket_keys(self) -> list[tuple]:
         keys: list[tuple] = [("text", r, n) for r, n in self.plan.text_shapes()]
@@ -162,15 +227,24 @@ class Engine:
         keys += [("multimodal", r, n) for r, n in self.plan.image_shapes()]
         return keys
 
+    def early_keys(self) -> list[tuple]:
+        """The buckets compiled before ready with `ready_early`: every program one input alone needs (one row at
+        every length, text or image, and every tile count of one image), so a single input of any size is served
+        without compiling; batches of several may compile their bucket until the background warm-up reaches it."""
+        one_image = self.plan.tiles_for(self.embedder.num_tiles_max)
+        return [k for k in self.bucket_keys() if (k[1] <= one_image if k[0] == "vision" else k[1] == 1)]
+
     def warmup(self, progress: Callable[[int, int], None] | None = None) -> float:
-        """Compile every bucket, then run one text and one image pass. Returns the seconds it took."""
+        """Compile every bucket (with `ready_early`, those of `early_keys`, the rest then in the background), then
+        run one text and one image pass. Returns the seconds it took to be ready."""
         start = time.perf_counter()
         keys = self.bucket_keys()
+        first = self.early_keys() if self.config.ready_early else keys
         # XLA compiles one executable on one core: compile as many at once as there are cores.
         with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-            for i, _ in enumerate(pool.map(self._executable, keys)):
+            for i, _ in enumerate(pool.map(self._executable, first)):
                 if progress:
-                    progress(i + 1, len(keys))
+                    progress(i + 1, len(first))
         side = self.embedder.config.force_image_size
         probe = [EngineItem(text="warm-up", input_type="query"),
                  EngineItem(image=Image.new("RGB", (side, side), (127, 127, 127)), input_type="passage")]
@@ -179,8 +253,32 @@ class Engine:
                 raise result
         self.stats.warmup_seconds = time.perf_counter() - start
         self.ready = True
-        log.info("warm-up: %d buckets compiled in %.1fs", len(keys), self.stats.warmup_seconds)
+        log.info("warm-up: %d of %d buckets ready in %.1fs (%d compiled, %d loaded from the program store)",
+                 len(first), len(keys), self.stats.warmup_seconds, self.stats.compilations, self.stats.programs_loaded)
+        rest = [k for k in keys if k not in set(first)]
+        if rest:
+            self._background = threading.Thread(target=self._compile_rest, args=(rest,), name="engine-warmup",
+                                                daemon=True)
+            self._background.start()
         return self.stats.warmup_seconds
+
+    def _compile_rest(self, keys: list[tuple]) -> None:
+        """The buckets left after an early ready, one at a time (a core stays free for serving), short ones first."""
+        start = time.perf_counter()
+        for key in sorted(keys, key=lambda k: (k[0] != "text", k[2] if len(k) > 2 else 0, k[1])):
+            if self._closed.is_set():
+                return
+            try:
+                self._executable(key, planned=True)
+            except Exception as e:  # a pass that needs this bucket compiles it (and reports a failure) itself
+                log.warning("background warm-up: %s failed: %s: %s", key, type(e).__name__, e)
+        log.info("background warm-up: %d more buckets ready in %.1fs", len(keys), time.perf_counter() - start)
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Wait for the background warm-up (if any); whether every bucket is now compiled."""
+        if self._background is not None:
+            self._background.join(timeout)
+        return all(k in self._compiled for k in self.bucket_keys())
 
     # ---- host side ------------------------------------------------------------------------------------------
     def prepare(self, item: EngineItem) -> PreparedInput:
@@ -368,6 +466,7 @@ class Engine:
                 self.observer.on_pass(*info, seconds=time.perf_counter() - start)
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -68,25 +68,49 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | Non
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
+ATTENTION_KERNELS = ("cudnn", "xla", "blocked")
+
 # Below this length the fused kernel's [B, N, T, T] scores fit in cache and its single call beats a loop.
 _BLOCKED_MIN_LENGTH = 256
 
 
 def default_attention(length: int, dtype, head_dim: int = 64) -> str:
-    """cuDNN's fused kernel on GPUs (16-bit inputs, where this cuDNN accepts the head size), the blocked loop for
-    long inputs on CPUs, XLA's kernel otherwise."""
+    """The kernel when none was chosen at load time (`choose_attention`): the blocked loop for long inputs on CPUs,
+    XLA's kernel otherwise. Called while a bucket is traced, so it probes nothing: cuDNN is only used when
+    `choose_attention` ran it concretely first."""
     if jax.default_backend() == "gpu":
-        return "cudnn" if jnp.dtype(dtype).itemsize == 2 and cudnn_supports(head_dim, jnp.dtype(dtype).name) else "xla"
+        return "xla"
     return "blocked" if length >= _BLOCKED_MIN_LENGTH else "xla"
+
+
+def choose_attention(requested: str | None, dtype, head_dim: int, backend: str | None = None) -> str | None:
+    """The attention kernel of one tower, chosen once when the network is loaded, outside any traced code.
+
+    `requested` (configuration) wins. On GPUs with 16-bit inputs: cuDNN's fused kernel if a concrete run of it
+    succeeds for this head size, else XLA's (with one log line). None elsewhere: CPUs pick per length when traced.
+    """
+    if requested:
+        return requested
+    if (backend or jax.default_backend()) != "gpu":
+        return None
+    if jnp.dtype(dtype).itemsize == 2 and cudnn_supports(head_dim, jnp.dtype(dtype).name):
+        return "cudnn"
+    return "xla"
+
+
+def _cudnn_attention_probe(head_dim: int, dtype: str) -> None:
+    """One small cuDNN attention call, run to completion (raises where cuDNN cannot run it)."""
+    with jax.ensure_compile_time_eval():  # concrete even if reached while tracing: a tracer would prove nothing
+        x = jnp.zeros((1, 64, 2, head_dim), dtype)
+        jax.block_until_ready(jax.nn.dot_product_attention(
+            x, x, x, key_value_seq_lengths=jnp.array([40], jnp.int32), implementation="cudnn"))
 
 
 @functools.lru_cache(maxsize=None)
 def cudnn_supports(head_dim: int, dtype: str) -> bool:
     """Whether cuDNN's fused attention runs for this head size here (it depends on the cuDNN and GPU versions)."""
-    x = jnp.zeros((1, 64, 2, head_dim), dtype)
     try:
-        jax.block_until_ready(jax.nn.dot_product_attention(
-            x, x, x, key_value_seq_lengths=jnp.array([40], jnp.int32), implementation="cudnn"))
+        _cudnn_attention_probe(head_dim, dtype)
         return True
     except Exception as e:  # not built with cuDNN, or an unsupported shape: XLA's kernel still works
         logging.getLogger(__name__).warning("cuDNN attention unavailable for head_dim %d (%s): using XLA's", head_dim, e)

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import TextConfig
+from model import stacked
 from model.layers import RMSNorm, attention, linear
 
 
@@ -100,16 +101,15 @@ class LlamaModel(nnx.Module):
         self.dtype = dtype
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=implementation)
-            for _ in range(cfg.num_hidden_layers)
-        ])
+        # Every layer's parameters stacked on a leading axis [L, …], run by one scan (see model/stacked.py).
+        self.layers = stacked.stack(
+            lambda r: LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                        implementation=implementation),
+            cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, embeds: jax.Array, lengths: jax.Array) -> jax.Array:
         """embeds [B, T, D] (right-padded), lengths [B] -> final-normed hidden states [B, T, D]."""
         cos, sin = rope_tables(rope_inverse_frequencies(self.cfg), embeds.shape[1])
         x = embeds.astype(self.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, lengths)
-        return self.norm(x)
+        return self.norm(stacked.scan(self.layers, x, cos, sin, lengths))

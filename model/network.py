@@ -6,7 +6,7 @@ The network knows nothing of batching policy: it takes one padded batch and retu
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from model import stacked
 from model.config import ModelConfig
+from model.layers import choose_attention
 from model.llama import LlamaModel
 from model.projector import Projector, pixel_shuffle
 from model.siglip import SiglipVisionTower
@@ -57,16 +59,29 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def choose_attentions(cfg: ModelConfig, requested: str | None, dtype,
+                      backend: str | None = None) -> dict[str, str | None]:
+    """The attention kernel of each tower ({"vision": …, "text": …}), chosen concretely at load time: the towers'
+    head sizes differ (72 and 64 in the real model) and cuDNN may run one and not the other."""
+    vision_head = cfg.vision.hidden_size // cfg.vision.num_attention_heads
+    return {"vision": choose_attention(requested, dtype, vision_head, backend),
+            "text": choose_attention(requested, dtype, cfg.text.head_dim, backend)}
+
+
 class NemotronEmbedVL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_implementation=None):
+                 attention_implementation: str | Mapping[str, str | None] | None = None):
+        """attention_implementation: one kernel for both towers, or {"vision": …, "text": …}
+        (`choose_attentions`)."""
         self.cfg = cfg
         self.dtype = dtype
+        per_tower = attention_implementation if isinstance(attention_implementation, Mapping) else \
+            {"vision": attention_implementation, "text": attention_implementation}
         self.vision_model = SiglipVisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                              implementation=attention_implementation)
+                                              implementation=per_tower["vision"])
         self.mlp1 = Projector(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.language_model = LlamaModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                         implementation=attention_implementation)
+                                         implementation=per_tower["text"])
 
     def image_features(self, pixels: jax.Array) -> jax.Array:
         """uint8 tiles [N, S, S, C] -> decoder-width features [N, tokens_per_tile, D]."""
@@ -107,10 +122,23 @@ def param_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flax parameter name -> shape, from the configuration alone (no allocation)."""
+def stacked_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter name -> shape as the network holds them, each tower's layers stacked on a leading axis
+    (`language_model.layers.mlp.up_proj.kernel` [L, D, F]); from the configuration alone (no allocation)."""
     state = nnx.state(build_abstract(cfg), nnx.Param)
     return {param_path(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter name -> shape with every layer listed apart (`language_model.layers.{i}.…`), one entry per
+    tensor of the checkpoint: the names conversion maps to before it stacks them (`stacked_shapes`)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in stacked_shapes(cfg).items():
+        if stacked.is_stacked(name):
+            out.update({stacked.layer_name(name, i): shape[1:] for i in range(shape[0])})
+        else:
+            out[name] = shape
+    return out
 
 
 def make_forward(graphdef: nnx.GraphDef):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import VisionConfig
+from model import stacked
 from model.layers import LayerNorm, attention, linear
 
 
@@ -68,15 +69,14 @@ class SiglipEncoderLayer(nnx.Module):
 
 class SiglipEncoder(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation=None):
-        self.layers = nnx.List([
-            SiglipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=implementation)
-            for _ in range(cfg.num_hidden_layers)
-        ])
+        # Every layer's parameters stacked on a leading axis [L, …], run by one scan (see model/stacked.py).
+        self.layers = stacked.stack(
+            lambda r: SiglipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                         implementation=implementation),
+            cfg.num_hidden_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return stacked.scan(self.layers, x)
 
 
 class SiglipVisionTower(nnx.Module):

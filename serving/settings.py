@@ -31,6 +31,9 @@ class Settings(BaseModel):
         None, alias="EMBED_DTYPE", description="compute dtype; default bfloat16 on GPU, float32 on CPU; fp8: e4m3 "
                                                "linear layers, GPUs of compute capability >= 8.9 only")
     max_tiles: int = Field(6, alias="EMBED_MAX_TILES", ge=1, description="image tiles before the thumbnail")
+    attention: Literal["cudnn", "xla", "blocked"] | None = Field(
+        None, alias="EMBED_ATTENTION", description="attention kernel; default: cuDNN's on GPUs where a probe at load "
+                                                   "runs it (else XLA's), per input length on CPUs")
 
     # ---- request limits (the API contract) -------------------------------------------------------------------
     # Tokens per input, counted with BOS, the prompt prefix and the image tokens.
@@ -68,6 +71,9 @@ class Settings(BaseModel):
                                            description="image tiles per vision pass; default 32 GPU, 8 CPU")
     compilation_cache: str | None = Field(None, alias="EMBED_COMPILATION_CACHE",
                                           description="persistent XLA cache directory; default $EMBED_CACHE_DIR/xla")
+    ready_early: bool = Field(False, alias="EMBED_READY_EARLY",
+                              description="ready once one input alone of any size can run; the other buckets "
+                                          "compile in the background (a batch needing one first compiles it)")
     gpu_memory_fraction: float | None = Field(None, alias="EMBED_GPU_MEMORY_FRACTION", gt=0, le=1,
                                               description="share of GPU memory each worker preallocates "
                                                           "(JAX's default 0.75 with one worker, 0.85/workers with "

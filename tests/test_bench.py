@@ -78,3 +78,18 @@ def test_fp8_accuracy_runs_and_reports_every_input_kind():
     for kind in ("query", "passage ~2k tok", "image 6+1 tiles", "image+text", "**least**"):
         assert kind in table
     assert "fp8 channel/token (served) / bfloat16" in table
+
+
+@pytest.mark.slow
+def test_startup_bench_compiles_one_program_per_depth(tmp_path):
+    log = tmp_path / "startup.log"
+    done = subprocess.run([sys.executable, "startup.py", "compile", "--size", "tiny", "--layers", "2", "4",
+                           "--rounds", "1", "--rows", "2", "--length", "16", "--log", str(log)],
+                          cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["bench"] == "machine"
+    assert [(r["code"], r["decoder_layers"]) for r in records[1:]] == [("after", 2), ("after", 4)]
+    assert all(r["compile_cpu_s"] > 0 and r["hlo_kb"] > 0 for r in records[1:])

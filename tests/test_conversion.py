@@ -98,12 +98,12 @@ def test_layouts_convert_to_the_same_parameters(tmp_path, tiny_converted, layout
 def test_values_are_the_transformed_source(tiny_checkpoint, tiny_converted):
     src = load_file(tiny_checkpoint / "model.safetensors")
     out = converted_params(tiny_converted)
-    np.testing.assert_array_equal(out["language_model.layers.1.self_attn.q_proj.kernel"],
+    np.testing.assert_array_equal(out["language_model.layers.self_attn.q_proj.kernel"][1],
                                   src["language_model.layers.1.self_attn.q_proj.weight"].T)
     np.testing.assert_array_equal(out["vision_model.embeddings.patch_embedding.kernel"],
                                   src["vision_model.vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(out["mlp1.layer_norm.scale"], src["mlp1.0.weight"])
-    np.testing.assert_array_equal(out["vision_model.encoder.layers.0.layer_norm2.bias"],
+    np.testing.assert_array_equal(out["vision_model.encoder.layers.layer_norm2.bias"][0],
                                   src["vision_model.vision_model.encoder.layers.0.layer_norm2.bias"])
 
 
@@ -176,3 +176,71 @@ def test_hub_download_offline_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="unreachable"):
         resolve("nvidia/llama-nemotron-embed-vl-1b-v2")
+
+
+def test_layers_are_stored_stacked(tiny_checkpoint, tiny_converted):
+    """Each tower's per-layer tensors become one [L, …] parameter, layer i at index i."""
+    src = load_file(tiny_checkpoint / "model.safetensors")
+    out = converted_params(tiny_converted)
+    assert not [k for k in out if ".layers.0." in k or ".layers.1." in k]
+    for flax_name, hf, transform in [
+        ("language_model.layers.mlp.down_proj.kernel", "language_model.layers.{}.mlp.down_proj.weight", np.transpose),
+        ("language_model.layers.input_layernorm.scale", "language_model.layers.{}.input_layernorm.weight", None),
+        ("vision_model.encoder.layers.self_attn.k_proj.bias",
+         "vision_model.vision_model.encoder.layers.{}.self_attn.k_proj.bias", None),
+    ]:
+        expected = np.stack([(transform or np.asarray)(src[hf.format(i)]) for i in range(2)])
+        np.testing.assert_array_equal(out[flax_name], expected)
+    with safe_open(tiny_converted / "flax_params.safetensors", "numpy") as f:
+        assert f.metadata() == {"format": "nemotron-embed-vl-flax/2"}
+    assert json.loads((tiny_converted / "manifest.json").read_text())["format"] == "nemotron-embed-vl-flax/2"
+
+
+def test_streaming_writer_takes_a_tensor_slice_by_slice(tmp_path):
+    layers = [np.full((2, 3), i, np.float32) for i in range(4)]
+    write_streaming(tmp_path / "x.safetensors", [("s", (4, 2, 3), "F32")], lambda _: iter(layers))
+    np.testing.assert_array_equal(load_file(tmp_path / "x.safetensors")["s"], np.stack(layers))
+    for wrong in (layers[:3], layers + layers[:1]):
+        with pytest.raises(ValueError, match="slices"):
+            write_streaming(tmp_path / "y.safetensors", [("s", (4, 2, 3), "F32")], lambda _, w=wrong: iter(w))
+
+
+def per_layer_copy(converted, dst):
+    """`converted` rewritten in the first converted format: one tensor per layer, format 1 in file and manifest."""
+    import shutil
+
+    from model.stacked import is_stacked, layer_name
+
+    shutil.copytree(converted, dst)
+    params = {}
+    for name, array in converted_params(converted).items():
+        if is_stacked(name):
+            params.update({layer_name(name, i): np.ascontiguousarray(a) for i, a in enumerate(array)})
+        else:
+            params[name] = array
+    save_file(params, dst / "flax_params.safetensors", metadata={"format": "nemotron-embed-vl-flax/1"})
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps(manifest | {"format": "nemotron-embed-vl-flax/1"}))
+    return dst
+
+
+def test_a_directory_in_the_per_layer_format_is_refused_clearly(tiny_converted, tmp_path):
+    from model.config import ModelConfig
+    from model.weights import WeightsError, load_network
+
+    old = per_layer_copy(tiny_converted, tmp_path / "old")
+    with pytest.raises(WeightsError, match=r"format 'nemotron-embed-vl-flax/1'.*python -m conversion SRC OUT"):
+        load_network(old, ModelConfig.from_dir(old), dtype=np.float32)
+
+
+def test_resolve_converts_a_stale_cached_conversion_again(tiny_checkpoint, tiny_converted, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("EMBED_CACHE_DIR", str(tmp_path / "cache"))
+    cached = resolve(tiny_checkpoint, progress=False)
+    shutil.rmtree(cached)
+    per_layer_copy(tiny_converted, cached)
+    assert resolve(tiny_checkpoint, progress=False) == cached
+    assert json.loads((cached / "manifest.json").read_text())["format"] == "nemotron-embed-vl-flax/2"
+    a, b = converted_params(cached), converted_params(tiny_converted)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -183,3 +183,91 @@ def test_packing_equals_the_plain_rule(engine, seed):
         prepared[i] = PreparedInput(np.zeros(min(n, 160), np.int32),
                                     np.zeros((tiles, 1, 1, 3), np.uint8) if tiles else None)
     assert engine.pack(prepared) == reference_pack(engine.plan, engine.config.pass_overhead_tokens, prepared)
+
+
+def small_engine(embedder):
+    return Engine(embedder, EngineConfig(max_length=64, max_batch_tokens=128, max_rows=2, max_tiles=1))
+
+
+def test_a_warm_start_loads_stored_programs_instead_of_compiling(tiny_embedder, tiny_converted, tmp_path,
+                                                                 monkeypatch, caplog):
+    """The second engine loads every bucket's executable; one of another dtype, or a damaged file, compiles."""
+    import engine.compilation_cache as compilation_cache
+    from model import Embedder
+
+    monkeypatch.setattr(compilation_cache, "_program_dir", tmp_path / "programs")
+    items = [EngineItem(text="a short query", input_type="query"), EngineItem(image=png(40, 40), input_type="passage"),
+             EngineItem(text="alpha beta " * 4, input_type="passage")]
+    first = small_engine(tiny_embedder)
+    first.warmup()
+    keys = first.bucket_keys()
+    assert first.stats.compilations == len(keys) and first.stats.programs_loaded == 0
+    [store] = [p for p in (tmp_path / "programs").iterdir()]
+    assert len(list(store.glob("*.exe"))) == len(keys)
+    expected = first.embed(items)
+
+    second = small_engine(tiny_embedder)
+    second.warmup()
+    assert second.stats.compilations == 0 and second.stats.programs_loaded == len(keys)
+    assert all(isinstance(v, np.ndarray) for v in expected), expected
+    for a, b in zip(second.embed(items), expected):
+        np.testing.assert_array_equal(a, b)
+
+    bf16 = small_engine(Embedder(tiny_converted, dtype="bfloat16"))
+    assert bf16._programs.directory != second._programs.directory
+    assert bf16._executable(keys[0]) is not None and bf16.stats.compilations == 1
+
+    (store / second._programs.file_name(keys[0])).write_bytes(b"not an executable")
+    third = small_engine(tiny_embedder)
+    with caplog.at_level("WARNING", logger="engine.programs"):
+        third._executable(keys[0])
+    assert third.stats.compilations == 1 and "unusable" in caplog.text
+    for engine in (first, second, bf16, third):
+        engine.close()
+
+
+class CompileLog:
+    def __init__(self):
+        self.calls = []
+
+    def on_compile(self, kind, seconds, after_ready):
+        self.calls.append((kind, after_ready))
+
+    def on_pass(self, *args, **kwargs):
+        pass
+
+
+def test_ready_early_serves_any_shape_correctly_and_counts_what_it_compiled_late(tiny_embedder, monkeypatch):
+    config = EngineConfig(max_length=64, max_batch_tokens=128, max_rows=4, max_tiles=2, ready_early=True)
+    items = [EngineItem(text="a short query", input_type="query"), EngineItem(text="alpha " * 8, input_type="passage"),
+             EngineItem(image=png(40, 40), input_type="passage"),
+             EngineItem(image=png(50, 30, 1), input_type="passage")]
+    full = Engine(tiny_embedder, EngineConfig(max_length=64, max_batch_tokens=128, max_rows=4, max_tiles=2))
+    full.warmup()
+    expected = full.embed(items)
+    assert all(isinstance(v, np.ndarray) for v in expected), expected
+
+    # The background warm-up held back: a batch of several inputs compiles its bucket when it needs it.
+    monkeypatch.setattr(Engine, "_compile_rest", lambda self, keys: None)
+    observer = CompileLog()
+    early = Engine(tiny_embedder, config, observer=observer)
+    early.warmup()
+    assert early.ready and set(early._compiled) == set(early.early_keys()) < set(early.bucket_keys())
+    assert all(k[1] == 1 for k in early.early_keys() if k[0] != "vision")
+    for a, b in zip(early.embed(items), expected):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert len([c for c in observer.calls if c[1]]) == early.stats.compilations_after_ready >= 1
+    early.close()
+
+    # With it: every bucket ends up compiled, none of them counted as a miss.
+    monkeypatch.undo()
+    observer = CompileLog()
+    background = Engine(tiny_embedder, config, observer=observer)
+    background.warmup()
+    assert background.wait_warm(timeout=600)
+    assert background.stats.compilations == len(background.bucket_keys())
+    assert background.stats.compilations_after_ready == 0 and not [c for c in observer.calls if c[1]]
+    for a, b in zip(background.embed(items), expected):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    for engine in (full, background):
+        engine.close()

@@ -196,3 +196,18 @@ def test_mid_size_parity(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
     assert ours.shape == (2, 2048)
     assert cosine(ours, theirs).min() >= F32_COSINE
+
+
+def test_stacked_layers_run_in_order(network):
+    """The scan over the stacked decoder layers is layer 0, then layer 1, … each reached as its own module."""
+    from model import stacked
+    from model.llama import rope_inverse_frequencies, rope_tables
+
+    lm = network.language_model
+    embeds = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 64)).astype(np.float32))
+    lengths = jnp.asarray([16, 9], jnp.int32)
+    cos, sin = rope_tables(rope_inverse_frequencies(lm.cfg), 16)
+    x = embeds
+    for i in range(stacked.num_layers(lm.layers)):
+        x = stacked.layer(lm.layers, i)(x, cos, sin, lengths)
+    np.testing.assert_allclose(np.asarray(lm(embeds, lengths)), np.asarray(lm.norm(x)), atol=1e-5, rtol=1e-5)
