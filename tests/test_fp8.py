@@ -169,9 +169,15 @@ def test_only_the_towers_linear_layers_are_fp8(fp8_embedder):
     e = fp8_embedder
     quantised = set(fp8.quantized_layers(e.state))
     cfg = e.config
-    assert len(quantised) == 6 * cfg.vision.num_hidden_layers + 7 * cfg.text.num_hidden_layers
+    # The layers are stacked (one module per kind, a leading layer axis): 6 linear layers per vision layer, 7 per
+    # decoder layer, each quantised for every layer of its tower.
+    assert len(quantised) == 6 + 7
     assert all(name.startswith(("vision_model.encoder.", "language_model.layers.")) for name in quantised)
     flat = {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(e.state)}
+    for name in quantised:
+        layers = cfg.vision.num_hidden_layers if name.startswith("vision_model.") else cfg.text.num_hidden_layers
+        assert flat[f"{name}.weight"].dtype == jnp.float8_e4m3fn and flat[f"{name}.weight"].shape[0] == layers
+        assert flat[f"{name}.weight_scale"].shape[0] == layers
     assert flat["mlp1.fc1.kernel"].dtype == jnp.bfloat16  # the projector stays in the compute dtype
     assert flat["vision_model.embeddings.patch_embedding.kernel"].dtype == jnp.bfloat16
     assert flat["language_model.embed_tokens.embedding"].dtype == jnp.bfloat16
@@ -220,8 +226,10 @@ def test_static_activation_scales_from_calibration(tiny_embedder, tiny_converted
                    {"text": "a chart", "image": picture(500, 300, 11), "input_type": "passage"}]
     amax = fp8.calibrate_embedder(tiny_embedder, calibration)
     cfg = tiny_embedder.config
-    assert len(amax) == 6 * cfg.vision.num_hidden_layers + 7 * cfg.text.num_hidden_layers
-    assert all(np.all(np.asarray(a) > 0) for a in amax.values())
+    assert len(amax) == 6 + 7  # one entry per stacked linear layer, one value per layer of its tower
+    for name, a in amax.items():
+        layers = cfg.vision.num_hidden_layers if name.startswith("vision_model.") else cfg.text.num_hidden_layers
+        assert np.asarray(a).shape == (layers,) and np.all(np.asarray(a) > 0)
     with pytest.raises(ValueError, match="calibrat"):
         fp8.calibrate_embedder(tiny_embedder, calibration[:1])  # text only: the vision tower never runs
     static = Embedder(tiny_converted, dtype="fp8", fp8_recipe=fp8.Recipe(activation="static", input_amax=amax))
