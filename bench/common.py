@@ -164,6 +164,10 @@ def start_server(model_dir: Path, cache: Path, env: dict[str, str] | None = None
         try:
             if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
                 return proc, url
+            live = httpx.get(f"{url}/v1/health/live", timeout=5)
+            if live.status_code == 503:  # the model failed to load: it never becomes ready
+                os.killpg(proc.pid, 15)
+                raise RuntimeError(f"server failed: {live.json().get('message')}; see {cache.parent / log_name}")
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:

@@ -177,7 +177,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
 
-    _, converted = checkpoint(args.size, dtype="float32")
+    src, converted = checkpoint(args.size, dtype="float32")
     from model.config import ModelConfig
     from model.tokenization import Prompter
 
@@ -201,11 +201,15 @@ def main() -> None:
                 label = f"{name}, {workers} worker{'s' * (workers > 1)}"
                 t = time.perf_counter()
                 health = free_port()
-                proc, url = start_server(converted, cache, root=root, log_name=f"server-{name}-{workers}.log",
+                # Another checkout gets the Hugging Face layout and its own cache: it converts in its own format.
+                model, server_cache = (converted, cache) if name == "this" else (src, work / name / "xla")
+                server_cache.parent.mkdir(parents=True, exist_ok=True)
+                proc, url = start_server(model, server_cache, root=root, log_name=f"server-{name}-{workers}.log",
                                          env={"EMBED_WORKERS": str(workers), "EMBED_HEALTH_PORT": str(health)})
                 print(f"{label}: ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
                 try:
                     rows.append((label, "1 query, c=32", measure(url, proc.pid, query, 32, s, work)))
+                    print(label, rows[-1][2], file=sys.stderr)
                     if workers == 1:
                         rows.append((label, "64 passages ~200 tok, c=4", measure(url, proc.pid, passages, 4, s, work)))
                         rows.append((label, "1 page 850x1100, c=8", measure(url, proc.pid, page, 8, s, work)))
