@@ -290,7 +290,9 @@ def test_store_model_and_resolve_bento_refs(stored, home, tiny_converted, tmp_pa
         if f.is_file():
             assert (path / f.name).read_bytes() == f.read_bytes(), f.name
     info = yaml.safe_load((path / "model.yaml").read_text())
-    assert info["metadata"]["format"] == "nemotron-embed-vl-flax/1" and info["metadata"]["dtype"]
+    from model.weights import FORMAT
+
+    assert info["metadata"]["format"] == FORMAT and info["metadata"]["dtype"]
 
     code = f"""
 import json
