@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from common import ROOT, machine  # noqa: F401  (ROOT puts the project on sys.path)
-from flops import decoder_flops_per_token, matmul_ceiling, vision_flops_per_tile
+from flops import best_seconds, decoder_flops_per_token, matmul_ceiling, vision_flops_per_tile
 
 import jax
 import jax.numpy as jnp
@@ -83,13 +83,7 @@ def fp8_ceiling(n: int) -> float:
     """FLOP/s of one n x n by n x n e4m3 product (float32 accumulation and output), best of 5."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32).astype(fp8.E4M3)
     f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(f, a, a)
 
 
 def gemm_counts(compiled) -> tuple[int, int]:
