@@ -55,7 +55,7 @@ from serving.metrics import get_metrics, render
 from serving.preflight import preflight, preflight_download
 from serving.prepare import ModelInput, complete_item, model_input_type, prepare_request
 from serving.runner import Runner
-from serving.schemas import BatchItem, BatchResult, EmbeddingRequest, ItemError, parse_embedding_request
+from serving.schemas import BatchItem, BatchResult, ItemError, parse_embedding_request
 from serving.settings import get_settings
 
 try:

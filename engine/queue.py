@@ -23,14 +23,9 @@ import time
 from concurrent.futures import Future
 from typing import Protocol, Sequence
 
-import numpy as np
-
 from engine.engine import Engine, EngineItem
 
 log = logging.getLogger(__name__)
-
-Result = list  # one np.ndarray or Exception per submitted item
-
 
 class QueueObserver(Protocol):
     """Hooks for metrics."""
@@ -171,11 +166,3 @@ class BatchQueue:
         if self.observer:
             self.observer.on_batch([start - r.submitted_at for r in batch], len(items),
                                    sum(r.tokens for r in batch), self._last_end - start)
-
-
-def first_error(results: Sequence[np.ndarray | Exception]) -> tuple[int, Exception] | None:
-    """The index and exception of the first failed item, if any."""
-    for i, result in enumerate(results):
-        if isinstance(result, BaseException):
-            return i, result
-    return None
