@@ -27,6 +27,7 @@ from engine.engine import Engine, EngineItem
 
 log = logging.getLogger(__name__)
 
+
 class QueueObserver(Protocol):
     """Hooks for metrics."""
 
@@ -102,7 +103,8 @@ class BatchQueue:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._embed(batch)
+            if batch:  # empty when every request taken had been withdrawn
+                self._embed(batch)
 
     def _next_batch(self) -> list[_Request] | None:
         with self._wake:
