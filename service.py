@@ -47,7 +47,7 @@ from serving.access import ApiKeyAuth, RequestLog, annotate, cors_options
 from serving.admission import Admission
 from serving.encoding import check_dimensions, embeddings_json, encode
 from serving.errors import GatewayTimeoutError, NimError, ServiceUnavailableError, TooManyRequestsError, for_status
-from serving.http import NimErrorShape, discard_body, error_response, nim_app, read_body, unless_disconnected
+from serving.http import NimErrorShape, NimRoutes, discard_body, error_response, nim_app, read_body, unless_disconnected
 from serving.health_port import serve_probes
 from serving.inputs import PILLOW_FORMATS, limit_pillow_pixels
 from serving.lifecycle import Background, stop_listening
@@ -171,7 +171,7 @@ async def openapi_json(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
 
-API = nim_app([
+ROUTES = [
     ("POST", "/v1/embeddings", embeddings),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/health/ready", health_ready),
@@ -182,7 +182,8 @@ API = nim_app([
     ("GET", "/v1/license", license_),
     ("GET", "/v1/version", version),
     ("GET", openapi.PATH, openapi_json),
-])
+]
+API = nim_app(ROUTES)  # mounted: answers what NimRoutes passes on (405, 404) in the NIM shape
 
 
 # ---- the BentoML service ----------------------------------------------------------------------------------------------
@@ -354,6 +355,7 @@ if SETTINGS.cors_origins:
     NemotronEmbed.add_asgi_middleware(CORSMiddleware, **cors_options(SETTINGS.cors_origins, SETTINGS.cors_headers))
 if API_KEYS:
     NemotronEmbed.add_asgi_middleware(ApiKeyAuth, keys=API_KEYS, public=SETTINGS.public())
+NemotronEmbed.add_asgi_middleware(NimRoutes, routes=ROUTES)  # the /v1 routes, ahead of BentoML's context and router
 NemotronEmbed.add_asgi_middleware(openapi.MergeIntoBentoDocs, document=OPENAPI)  # /docs.json shows the /v1 routes
 
 

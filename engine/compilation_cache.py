@@ -10,6 +10,7 @@ tests/test_compilation_cache.py checks that a cache written with `zstandard` imp
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -35,6 +36,15 @@ def configure_compilation_cache(directory: str | None, programs: bool = True) ->
 def program_dir() -> Path | None:
     """Where engines keep their bucket executables (None: compile every start)."""
     return _program_dir
+
+
+def bypassed():
+    """A context (this thread only) whose compilations neither read nor write the persistent cache. JAX's own
+    switch for it is internal; without it, a no-op."""
+    from jax._src import config
+
+    state = getattr(config, "enable_compilation_cache", None)
+    return state(False) if callable(state) else contextlib.nullcontext()
 
 
 def pin_cache_compression() -> str:

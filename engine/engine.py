@@ -13,6 +13,7 @@ It knows nothing of HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -182,7 +183,11 @@ class Engine:
         fn = store.load(key, jax.tree_util.tree_structure((args, {}))) if store else None
         loaded = fn is not None
         if not loaded:
-            fn = function.lower(*args, **static).compile()
+            # An XLA:CPU executable taken from JAX's persistent cache serializes without its code, and fails when
+            # the next start runs it: one that will be stored is compiled afresh (the store replaces that cache).
+            fresh = store is not None and jax.default_backend() == "cpu"
+            with compilation_cache.bypassed() if fresh else contextlib.nullcontext():
+                fn = function.lower(*args, **static).compile()
             if store:
                 store.save(key, fn)
         return fn, loaded, time.perf_counter() - start

@@ -4,11 +4,18 @@
     future = queue.submit(items)        # any thread; a concurrent.futures.Future of one result per item
     results = future.result()           # an L2-normalised float32 vector, or the exception of that item alone
 
+    pending = queue.enqueue(items, tokens, deliver)   # the same without a Future: deliver(results or exception)
+    pending.withdraw()                                #   is called on the batch thread, unless withdrawn in time
+
 Batching is continuous, as in text-embeddings-inference: while a batch runs, new requests wait; when it ends the
 thread takes everything pending (up to `max_inputs` inputs and `max_tokens` tokens, whole requests only) into the
 next `Engine.embed` call, which packs those inputs into precompiled buckets. Nothing waits for a batch to fill
 unless `max_wait_s` asks for it, and then only while a batch is in flight or has just ended (an idle server answers
 a lone request at once). A caller that cancels its future before its batch starts takes no room in any pass.
+
+`enqueue` is for callers that wait in their own way (an event loop resolves its futures once per batch, see
+serving/runner.py): a `concurrent.futures.Future` per request costs a lock and a condition variable, and waking a
+loop once per request costs a write to its self-pipe each time.
 
 It knows nothing of HTTP: callers map an item's exception to whatever their protocol says.
 """
@@ -16,12 +23,11 @@ It knows nothing of HTTP: callers map an item's exception to whatever their prot
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from engine.engine import Engine, EngineItem
 
@@ -36,12 +42,25 @@ class QueueObserver(Protocol):
     def on_batch(self, queue_waits: list[float], inputs: int, tokens: int, seconds: float) -> None: ...
 
 
-@dataclasses.dataclass
-class _Request:
-    items: Sequence[EngineItem | Future]
-    tokens: int
-    future: Future
-    submitted_at: float
+Results = list  # one result per item: an L2-normalised float32 vector or the exception of that item
+
+
+class Pending:
+    """One request in the queue. `withdraw()` (any thread) takes it out of every batch not yet started."""
+
+    __slots__ = ("items", "tokens", "deliver", "claim", "submitted_at", "withdrawn")
+
+    def __init__(self, items: Sequence[EngineItem | Future], tokens: int,
+                 deliver: Callable[[Results | BaseException], None], claim: Callable[[], bool] | None):
+        self.items, self.tokens, self.deliver, self.claim = items, tokens, deliver, claim
+        self.submitted_at = time.perf_counter()
+        self.withdrawn = False
+
+    def withdraw(self) -> None:
+        self.withdrawn = True  # read by the batch thread when it takes requests; a no-op once its batch started
+
+    def _take(self) -> bool:
+        return not self.withdrawn and (self.claim is None or self.claim())
 
 
 class BatchQueue:
@@ -55,7 +74,7 @@ class BatchQueue:
         self.max_tokens = max_tokens or 2 * max(config.max_batch_tokens, config.max_length)
         self.max_wait_s = max_wait_s
         self.observer = observer
-        self._pending: collections.deque[_Request] = collections.deque()
+        self._pending: collections.deque[Pending] = collections.deque()
         self._pending_inputs = 0
         self._pending_tokens = 0
         self._depth = 0  # inputs queued or in the running batch
@@ -73,7 +92,29 @@ class BatchQueue:
         if not items:
             future.set_result([])
             return future
-        request = _Request(items, tokens, future, time.perf_counter())
+
+        def deliver(results: Results | BaseException) -> None:
+            if isinstance(results, BaseException):
+                future.set_exception(results)
+            else:
+                future.set_result(results)
+
+        self._put(Pending(items, tokens, deliver, claim=future.set_running_or_notify_cancel))
+        return future
+
+    def enqueue(self, items: Sequence[EngineItem | Future], tokens: int,
+                deliver: Callable[[Results | BaseException], None]) -> Pending:
+        """Queue one request's inputs; `deliver` gets their results (or the batch's exception) on the batch thread,
+        unless the request was withdrawn before its batch started. It must be quick and must not raise."""
+        request = Pending(items, tokens, deliver, claim=None)
+        if items:
+            self._put(request)
+        else:
+            deliver([])
+        return request
+
+    def _put(self, request: Pending) -> None:
+        items, tokens = request.items, request.tokens
         with self._wake:
             if self._closed:
                 raise RuntimeError("the batch queue is closed")
@@ -85,7 +126,6 @@ class BatchQueue:
             self._wake.notify()
         if self.observer:
             self.observer.on_depth(depth)
-        return future
 
     def __len__(self) -> int:
         """Inputs waiting for a batch."""
@@ -106,14 +146,14 @@ class BatchQueue:
             if batch:  # empty when every request taken had been withdrawn
                 self._embed(batch)
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _next_batch(self) -> list[Pending] | None:
         with self._wake:
             while not self._pending and not self._closed:
                 self._wake.wait()
             if self._closed and not self._pending:
                 return None
             self._wait_to_fill()
-            batch: list[_Request] = []
+            batch: list[Pending] = []
             inputs = tokens = withdrawn = 0
             while self._pending:
                 request = self._pending[0]
@@ -123,7 +163,7 @@ class BatchQueue:
                 self._pending.popleft()
                 self._pending_inputs -= n
                 self._pending_tokens -= request.tokens
-                if not request.future.set_running_or_notify_cancel():
+                if not request._take():
                     withdrawn += n  # the client is gone or timed out: it never reaches the device
                     continue
                 batch.append(request)
@@ -143,7 +183,7 @@ class BatchQueue:
                and not self._closed and (left := deadline - time.perf_counter()) > 0):
             self._wake.wait(left)
 
-    def _embed(self, batch: list[_Request]) -> None:
+    def _embed(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
         items = [item for request in batch for item in request.items]
         try:
@@ -151,7 +191,7 @@ class BatchQueue:
         except BaseException as e:  # the engine reports per-input failures itself; this is a bug or a dead device
             log.exception("a batch of %d inputs failed", len(items))
             for request in batch:
-                request.future.set_exception(e)
+                request.deliver(e)
             return
         finally:
             self._last_end = time.perf_counter()
@@ -163,7 +203,7 @@ class BatchQueue:
         offset = 0
         for request in batch:
             n = len(request.items)
-            request.future.set_result(results[offset:offset + n])
+            request.deliver(results[offset:offset + n])
             offset += n
         if self.observer:
             self.observer.on_batch([start - r.submitted_at for r in batch], len(items),

@@ -59,6 +59,7 @@ class Metrics:
         self.warmup_seconds = Gauge("nim_warmup_seconds", "Compiling every bucket before ready, in seconds",
                                     multiprocess_mode="max")
         self.ready = False
+        self._children: dict[tuple, object] = {}
         self.compile_seconds = Histogram("nim_compile_duration_seconds", "XLA compilation time",
                                          buckets=LATENCY_BUCKETS)
         self._listen_to_compilations()
@@ -102,13 +103,22 @@ class Metrics:
         self.inflight_tokens.set(tokens)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.request_seconds.labels(route=route).observe(seconds)
+        count, latency = self._series(self.requests, route, str(status)), self._series(self.request_seconds, route)
+        count.inc()
+        latency.observe(seconds)
 
     def observe_inputs(self, modalities: Sequence[str], tokens: Sequence[int]) -> None:
         for modality, n in zip(modalities, tokens):
-            self.inputs.labels(modality=modality).inc()
-            self.input_tokens.labels(modality=modality).inc(n)
+            self._series(self.inputs, modality).inc()
+            self._series(self.input_tokens, modality).inc(n)
+
+    def _series(self, metric, *labels: str):
+        """`metric.labels(*labels)`, looked up once: prometheus_client validates the labels on every call."""
+        key = (id(metric), labels)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = metric.labels(*labels)
+        return series
 
     # The batch queue's observer (engine.queue.QueueObserver).
     def on_depth(self, inputs: int) -> None:

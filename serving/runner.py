@@ -46,6 +46,7 @@ class Runner:
         self.early_tiles = EARLY_PASSES * self.engine.plan.max_tiles
         self._early = 0  # tiles being decoded or held ahead of their batch
         self._lock = threading.Lock()
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
     def warmup(self) -> float:
         """Compile every bucket and run a text and an image pass: nothing compiles while serving."""
@@ -56,13 +57,18 @@ class Runner:
 
         Cancelling the caller (client gone, timeout) withdraws the inputs that no batch has started yet."""
         items, tiles = self._items(inputs)
-        future = self.queue.submit(items, tokens=sum(len(ids) for ids, _ in inputs))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        mailbox = self._mailboxes.get(loop) or self._mailboxes.setdefault(loop, _Mailbox(loop))
+        pending = self.queue.enqueue(items, sum(len(ids) for ids, _ in inputs), functools.partial(mailbox.post, future))
         try:
-            results = await asyncio.wrap_future(future)
+            results = await future
         finally:
-            future.cancel()  # a no-op once its batch started
+            pending.withdraw()  # a no-op once its batch started
             if tiles:
                 self._release(items, tiles)
+        if isinstance(results, BaseException):
+            raise results
         return [r if isinstance(r, np.ndarray) else item_error(r) for r in results]
 
     def embed_sync(self, inputs: Sequence[tuple[list[int], str | None]]) -> list[np.ndarray | ItemError]:
@@ -107,6 +113,33 @@ class Runner:
     def close(self) -> None:
         self.queue.close()
         self.engine.close()
+
+
+class _Mailbox:
+    """Results on their way from the batch thread to one event loop. The first request of a batch to finish wakes the
+    loop; the others join the same wake-up, so the loop is woken once per batch, not once per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._box: list[tuple[asyncio.Future, object]] = []
+        self._lock = threading.Lock()
+
+    def post(self, future: asyncio.Future, results: object) -> None:  # the batch thread
+        with self._lock:
+            self._box.append((future, results))
+            first = len(self._box) == 1
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _deliver(self) -> None:  # the loop
+        with self._lock:
+            box, self._box = self._box, []
+        for future, results in box:
+            if not future.done():  # cancelled meanwhile: the client is gone or timed out
+                future.set_result(results)
 
 
 class _SlowDevice(BatchQueue):

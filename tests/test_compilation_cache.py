@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,51 @@ def test_cache_is_reused_whether_or_not_zstandard_is_importable(tmp_path, first,
     assert a["misses"] >= 1 and a["hits"] == 0  # the first one compiled and wrote its entries
     assert any(cache.iterdir())
     assert b["hits"] == a["misses"] and b["misses"] == 0, (a, b)  # the second one compiled nothing
+
+
+# A program whose XLA:CPU code has named fusions (a select feeding a reduction), compiled and stored the way the
+# engine stores a bucket program (engine/programs.py), or loaded and run.
+STORE_CHILD = r"""
+import sys
+import jax, jax.numpy as jnp
+from jax.experimental import serialize_executable
+from engine import compilation_cache, configure_compilation_cache
+
+configure_compilation_cache(sys.argv[1])
+f = jax.jit(lambda x, m: jnp.where(m[:, None], jnp.tanh(x) * 2.0, 0.0).sum(-1))
+x, m = jnp.ones((8, 16)), jnp.arange(8) > 3
+blob = sys.argv[1] + "/program.exe"
+if sys.argv[2] == "run":
+    compiled = serialize_executable.deserialize_and_load(
+        open(blob, "rb").read(), jax.tree_util.tree_structure(((x, m), {})), jax.tree_util.tree_structure(0))
+else:
+    context = compilation_cache.bypassed() if sys.argv[2] == "store-fresh" else compilation_cache.contextlib.nullcontext()
+    with context:
+        compiled = f.lower(x, m).compile()
+    if sys.argv[2] != "warm-cache":
+        open(blob, "wb").write(serialize_executable.serialize(compiled)[0])
+print(float(compiled(x, m).sum()))
+"""
+
+
+def _store_child(cache: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", STORE_CHILD, str(cache), mode], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def test_a_stored_program_compiled_past_the_persistent_cache_runs_in_the_next_process(tmp_path):
+    assert _store_child(tmp_path, "warm-cache").returncode == 0  # the persistent cache now holds the program
+    stored = _store_child(tmp_path, "store-fresh")  # what Engine._build does on a CPU before storing
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    loaded = _store_child(tmp_path, "run")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert float(loaded.stdout.split()[-1]) == float(stored.stdout.split()[-1])
+    assert float(loaded.stdout.split()[-1]) == pytest.approx(4 * 16 * 2 * np.tanh(1.0), rel=1e-6)
+
+
+def test_why_the_engine_bypasses_the_cache_for_a_program_it_stores(tmp_path):
+    """The cache hit serializes without its code (JAX 0.10, XLA:CPU). Once this fails, the bypass can go."""
+    assert _store_child(tmp_path, "warm-cache").returncode == 0
+    assert _store_child(tmp_path, "store-from-cache").returncode == 0
+    loaded = _store_child(tmp_path, "run")
+    assert loaded.returncode != 0 and "not found" in loaded.stderr
