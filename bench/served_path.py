@@ -73,17 +73,16 @@ def measure(url: str, pid: int, body: dict, connections: int, seconds: float, wo
     return result
 
 
-def probe_latencies(bases: dict[str, str], stop: threading.Event, out: list[tuple[str, float, int]]) -> None:
-    """Live and ready on each base URL every 20 ms, a new connection each time (as a kubelet probes)."""
+def probe_latencies(name: str, base: str, stop: threading.Event, out: list[tuple[str, float, int]]) -> None:
+    """Live and ready on one base URL every 20 ms, a new connection each time (as a kubelet probes)."""
     while not stop.is_set():
-        for name, base in bases.items():
-            for path in ("/v1/health/live", "/v1/health/ready"):
-                start = time.perf_counter()
-                try:
-                    status = httpx.get(base + path, timeout=10).status_code
-                except httpx.HTTPError:
-                    status = 0
-                out.append((name, time.perf_counter() - start, status))
+        for path in ("/v1/health/live", "/v1/health/ready"):
+            start = time.perf_counter()
+            try:
+                status = httpx.get(base + path, timeout=10).status_code
+            except httpx.HTTPError:
+                status = 0
+            out.append((name, time.perf_counter() - start, status))
         time.sleep(0.02)
 
 
@@ -91,13 +90,16 @@ def overload(url: str, health_url: str | None, body: dict, seconds: float, work:
     probes: list[tuple[str, float, int]] = []
     stop = threading.Event()
     bases = {"main port": url, **({"health port": health_url} if health_url else {})}
-    thread = threading.Thread(target=probe_latencies, args=(bases, stop, probes))
-    thread.start()
+    # One prober per port: a slow answer on one must not delay the probes of the other.
+    threads = [threading.Thread(target=probe_latencies, args=(name, base, stop, probes)) for name, base in bases.items()]
+    for thread in threads:
+        thread.start()
     try:
         flood = run_wrk(url, body, 512, seconds, work)
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
     result: dict = {"flood": flood}
     for name in bases:
         lat = [t * 1000 for n, t, _ in probes if n == name]

@@ -10,7 +10,7 @@
 Batching is continuous, as in text-embeddings-inference: while a batch runs, new requests wait; when it ends the
 thread takes everything pending (up to `max_inputs` inputs and `max_tokens` tokens, whole requests only) into the
 next `Engine.embed` call, which packs those inputs into precompiled buckets. Nothing waits for a batch to fill
-unless `max_wait_s` asks for it, and then only while a batch is in flight or has just ended (an idle server answers
+unless `max_wait_s` asks for it, and then only while a batch has just ended and requests keep arriving (an idle server answers
 a lone request at once). A caller that cancels its future before its batch starts takes no room in any pass.
 
 `enqueue` is for callers that wait in their own way (an event loop resolves its futures once per batch, see
@@ -32,6 +32,9 @@ from typing import Callable, Protocol, Sequence
 from engine.engine import Engine, EngineItem
 
 log = logging.getLogger(__name__)
+# Requests that come together (the clients of the batch just answered, sending again; one event-loop turn's worth)
+# arrive within a fraction of a millisecond of each other: a longer pause means nobody else is coming.
+ARRIVAL_GAP_S = 0.0005
 
 
 class QueueObserver(Protocol):
@@ -81,6 +84,7 @@ class BatchQueue:
         self._wake = threading.Condition()
         self._closed = False
         self._last_end = 0.0
+        self._filling = False  # the batch thread is holding a partial batch (_wait_to_fill)
         self._thread = threading.Thread(target=self._run, name="batch-queue", daemon=True)
         self._thread.start()
 
@@ -123,7 +127,8 @@ class BatchQueue:
             self._pending_tokens += tokens
             self._depth += len(items)
             depth = self._depth
-            self._wake.notify()
+            if not self._filling or self._full():
+                self._wake.notify()
         if self.observer:
             self.observer.on_depth(depth)
 
@@ -175,13 +180,22 @@ class BatchQueue:
         return batch
 
     def _wait_to_fill(self) -> None:
-        """Hold a partial batch for up to `max_wait_s` while traffic is flowing (a batch ended moments ago)."""
+        """Hold a partial batch while traffic is flowing (a batch ended moments ago) and requests keep arriving, each
+        within ARRIVAL_GAP_S of the one before, for up to `max_wait_s` in all. Once arrivals pause, whoever was
+        coming is here: holding longer would leave the device idle and fill nothing (clients that wait for their
+        answers before sending again would simply wait longer)."""
         if self.max_wait_s <= 0 or time.perf_counter() - self._last_end > self.max_wait_s:
             return
         deadline = self._pending[0].submitted_at + self.max_wait_s
-        while (self._pending_inputs < self.max_inputs and self._pending_tokens < self.max_tokens
-               and not self._closed and (left := deadline - time.perf_counter()) > 0):
+        gap = min(ARRIVAL_GAP_S, self.max_wait_s)
+        while (not self._full() and not self._closed
+               and (left := min(deadline, self._pending[-1].submitted_at + gap) - time.perf_counter()) > 0):
+            self._filling = True  # submitters do not wake this thread for every request meanwhile, only when full
             self._wake.wait(left)
+            self._filling = False
+
+    def _full(self) -> bool:
+        return self._pending_inputs >= self.max_inputs or self._pending_tokens >= self.max_tokens
 
     def _embed(self, batch: list[Pending]) -> None:
         start = time.perf_counter()

@@ -9,8 +9,8 @@ A request is admitted in two steps, each refused with 429 and Retry-After in wel
 A request larger than the limits alone is admitted when nothing else is in flight, so that every request the API
 accepts can run. Released when the request ends, however it ends (answered, failed, timed out, client gone).
 
-Everything here runs on the event loop. (Whether a queued item's request still wants it is the handoff's business:
-serving/handoff.py.)
+Everything here runs on the event loop. (A request that ends before its batch starts is withdrawn from the engine's
+queue by serving/runner.py.)
 """
 
 from __future__ import annotations

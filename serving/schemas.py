@@ -131,21 +131,15 @@ def describe_validation_error(error: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-# ---- across the batcher ---------------------------------------------------------------------------------------------
+# ---- /embed_batch, for BentoML's Python clients ------------------------------------------------------------------------
 class BatchItem(BaseModel):
-    """One input on its way to the model through BentoML's batcher; also the body of the public `/embed_batch`.
-
-    `/v1/embeddings` sends only `handoff`: the validated, tokenised input waits in the worker (serving/handoff.py),
-    its image already decoding. A direct BentoML client sends `token_ids`, or `text`/`image`/`input_type`, and the
-    item is tokenised inside the batch (errors stay per item).
-    """
+    """One input of `/embed_batch`: `token_ids`, or `text`/`image`/`input_type`, tokenised by the worker (errors stay
+    per item)."""
 
     token_ids: list[int] | None = Field(None, description="the full prompt's token ids, image tokens included")
     image: str | None = Field(None, description="base64 of the image file's bytes (png, jpeg, webp, gif, bmp, tiff)")
     text: str | None = Field(None, description="raw text, when token_ids is not given")
     input_type: Literal["query", "passage"] = "passage"
-    handoff: str | None = Field(None, description="internal: the key of an input that /v1/embeddings left in this "
-                                                  "worker (a key from anywhere else matches nothing)")
 
 
 class ItemError(BaseModel):

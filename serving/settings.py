@@ -54,8 +54,9 @@ class Settings(BaseModel):
                              description="longest a request is held for a batch to fill, while traffic flows (an "
                                          "idle server never holds one)")
     health_port: int | None = Field(None, alias="EMBED_HEALTH_PORT", ge=1, le=65535,
-                                    description="also answer /v1/health/live and /ready on this port, from a thread "
-                                                "that never waits behind request work (for cluster probes)")
+                                    description="also answer /v1/health/live and /ready on this port, from a process "
+                                                "of their own that never waits behind request work (for cluster "
+                                                "probes)")
     workers: int = Field(1, alias="EMBED_WORKERS", ge=1,
                          description="server processes, each with its own copy of the model and its own batches")
     request_timeout_s: float = Field(300.0, alias="NIM_REQUEST_TIMEOUT_S", gt=0, description="504 after this")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.engine import EngineConfig
+from engine import queue as queue_module
 from engine.queue import BatchQueue
 
 
@@ -139,16 +140,31 @@ def test_an_idle_queue_does_not_hold_a_lone_request_for_max_wait():
         queue.close()
 
 
-def test_while_traffic_flows_a_partial_batch_waits_up_to_max_wait_to_fill():
+def test_while_traffic_flows_a_partial_batch_waits_for_requests_still_arriving(monkeypatch):
+    monkeypatch.setattr(queue_module, "ARRIVAL_GAP_S", 0.5)  # wide, so a busy test machine cannot split them
     engine = FakeEngine()
     queue = BatchQueue(engine, max_inputs=2, max_wait_s=2.0)
     try:
         queue.submit([1]).result(5)  # a batch just ended: traffic is flowing
         first = queue.submit([2])
         time.sleep(0.05)
-        second = queue.submit([3])  # arrives within the window: same batch
+        second = queue.submit([3])  # arrives within the gap: same batch
         first.result(5), second.result(5)
         assert engine.calls[-1] == [2, 3]
+    finally:
+        queue.close()
+
+
+def test_a_partial_batch_is_not_held_once_arrivals_pause(monkeypatch):
+    monkeypatch.setattr(queue_module, "ARRIVAL_GAP_S", 0.05)
+    engine = FakeEngine()
+    queue = BatchQueue(engine, max_inputs=8, max_wait_s=5.0)
+    try:
+        queue.submit([1]).result(5)
+        start = time.perf_counter()
+        queue.submit([2]).result(5)  # nobody follows it: it goes after the gap, not after max_wait
+        assert time.perf_counter() - start < 2.5
+        assert engine.calls[-1] == [2]
     finally:
         queue.close()
 
