@@ -8,7 +8,7 @@ In one run, under the same load from `wrk` (a C load generator that costs the se
    Starlette + pydantic + orjson answering a fixed 2048-d vector: what a request costs when the model is free);
 2. the same with 1, 2 and 4 server workers (`EMBED_WORKERS`);
 3. a 64-passage request answered as float JSON, and one page image per request;
-4. liveness and readiness latency while the server is flooded far past its admission limits (512 connections);
+4. liveness and readiness latency, on the main port and on the probes' own port, while 512 connections flood it;
 5. the in-process engine on the same single queries (the model's own throughput here), for served/engine;
 6. encoding one 2048-d float answer: orjson from numpy against `tolist()` + `json.dumps`.
 `--baseline DIR` also serves another checkout (e.g. `git worktree add /tmp/base <commit>`) under the same load.
