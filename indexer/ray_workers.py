@@ -58,11 +58,23 @@ def prepare_batch(batch: pa.Table, max_side: int = DEFAULT_MAX_SIDE) -> pa.Table
     return batch.append_column("png", pa.array(pngs, pa.binary())).append_column("error", pa.array(errors, pa.string()))
 
 
-def _embedded(batch: pa.Table, vectors: list, errors: list, tokens: list) -> pa.Table:
-    columns = [batch.column(n) for n in ("id", "modality", "source", "page", "text")]
-    vec = pa.array([None if v is None else np.asarray(v, np.float32) for v in vectors], pa.list_(pa.float32()))
-    return pa.Table.from_arrays([*columns, vec, pa.array(errors, pa.string()), pa.array(tokens, pa.int64())],
-                                schema=EMBEDDED)
+class _Columns:
+    """One prepared batch: its text, png and modality columns in; vectors, errors (the preparation's to start with)
+    and token counts out, one slot per row, as `table()`."""
+
+    def __init__(self, batch: pa.Table):
+        self.batch, n = batch, batch.num_rows
+        self.texts, self.pngs, self.modalities = (batch.column(c).to_pylist() for c in ("text", "png", "modality"))
+        self.errors = batch.column("error").to_pylist()
+        self.vectors: list = [None] * n
+        self.tokens = [0] * n
+
+    def table(self) -> pa.Table:
+        columns = [self.batch.column(n) for n in ("id", "modality", "source", "page", "text")]
+        vectors = pa.array([None if v is None else np.asarray(v, np.float32) for v in self.vectors],
+                           pa.list_(pa.float32()))
+        return pa.Table.from_arrays([*columns, vectors, pa.array(self.errors, pa.string()),
+                                     pa.array(self.tokens, pa.int64())], schema=EMBEDDED)
 
 
 class ModelEmbedder:
@@ -79,23 +91,19 @@ class ModelEmbedder:
 
         from model import EmbedInput
 
-        n = batch.num_rows
-        vectors: list = [None] * n
-        errors = batch.column("error").to_pylist()
-        tokens = [0] * n
-        texts, pngs, modalities = (batch.column(c).to_pylist() for c in ("text", "png", "modality"))
+        c = _Columns(batch)
         for modality in ("text", "image"):
-            members = [i for i in range(n) if errors[i] is None and modalities[i] == modality]
+            members = [i for i in range(batch.num_rows) if c.errors[i] is None and c.modalities[i] == modality]
             if not members:
                 continue
-            inputs = [EmbedInput(text=texts[i], image=Image.open(io.BytesIO(pngs[i])) if pngs[i] else None,
+            inputs = [EmbedInput(text=c.texts[i], image=Image.open(io.BytesIO(c.pngs[i])) if c.pngs[i] else None,
                                  input_type="passage") for i in members]
             for i, out in zip(members, self._embed(inputs)):
                 if isinstance(out, Exception):
-                    errors[i] = f"{type(out).__name__}: {out}"
+                    c.errors[i] = f"{type(out).__name__}: {out}"
                 else:
-                    vectors[i] = out
-        return _embedded(batch, vectors, errors, tokens)
+                    c.vectors[i] = out
+        return c.table()
 
     def _embed(self, inputs: list) -> list:
         """Vectors, or for inputs that cannot be embedded (too long to truncate, ...) their exception."""
@@ -125,16 +133,12 @@ class ServerEmbedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import base64
 
-        n = batch.num_rows
-        vectors: list = [None] * n
-        errors = batch.column("error").to_pylist()
-        tokens = [0] * n
-        texts, pngs, modalities = (batch.column(c).to_pylist() for c in ("text", "png", "modality"))
-        members = [i for i in range(n) if errors[i] is None]
-        payloads = {i: texts[i] if modalities[i] == "text" else
-                    "data:image/png;base64," + base64.b64encode(pngs[i]).decode("ascii") for i in members}
-        self.loop.run_until_complete(self._send(members, payloads, modalities, vectors, errors, tokens))
-        return _embedded(batch, vectors, errors, tokens)
+        c = _Columns(batch)
+        members = [i for i in range(batch.num_rows) if c.errors[i] is None]
+        payloads = {i: c.texts[i] if c.modalities[i] == "text" else
+                    "data:image/png;base64," + base64.b64encode(c.pngs[i]).decode("ascii") for i in members}
+        self.loop.run_until_complete(self._send(members, payloads, c.modalities, c.vectors, c.errors, c.tokens))
+        return c.table()
 
     async def _send(self, members: list[int], payloads: dict, modalities: list, vectors: list, errors: list,
                     tokens: list) -> None:

@@ -12,7 +12,6 @@ Each request passes these middlewares once.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import itertools
 import logging
@@ -65,18 +64,18 @@ class LineBatches(logging.Handler):
     def __init__(self, stream, interval_s: float = 0.1, max_lines: int = 4096) -> None:
         super().__init__()
         self.stream, self.interval_s, self.max_lines = stream, interval_s, max_lines
-        self._lines: collections.deque[str] = collections.deque()  # append and popleft are atomic: no lock
+        self._lines: list[str] = []
         self._writer = threading.Thread(target=self._write_every_interval, name="access-log", daemon=True)
         self._writer.start()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock (logging.Handler.handle)
         self._lines.append(record.getMessage())
         if len(self._lines) >= self.max_lines:
             self.flush()
 
     def flush(self) -> None:
-        with self.lock:  # logging.Handler's own lock: one writer at a time
-            lines = [self._lines.popleft() for _ in range(len(self._lines))]
+        with self.lock:  # the lock emit runs under: no line is added while the buffer is taken
+            lines, self._lines = self._lines, []
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")
