@@ -90,20 +90,21 @@ async def embeddings(request: Request) -> Response:
     svc = service()
     runner = svc.runner()  # 503 until loaded and warmed up (or while draining), before anything is read
     try:
-        svc.admission.check_room()  # 429 at once when this worker is full: the body is not parsed
+        ticket = svc.admission.enter()  # 429 at once when this worker is full: the body is not read
     except TooManyRequestsError:
         await discard_body(request, DISCARD_BYTES)  # so that the client reads the 429, not a reset connection
         raise
-    body = await read_body(request, SETTINGS.max_body_bytes)  # 413 over the limit, counted as it streams in
-    small = len(body) <= INLINE_BYTES and svc.admission.requests < INLINE_MAX_REQUESTS
-    req = parse_embedding_request(body) if small else await offload(parse_embedding_request, body)  # 400
-    implied = model_input_type(req.model, SETTINGS.model_name)  # 404 for another model; "-query" -> "query"
-    input_type = req.input_type or implied
-    embedder = runner.embedder
-    check_dimensions(req.dimensions, req.embedding_type, embedder.config.embedding_size)
-    inline = small and len(req.input) <= INLINE_INPUTS
-    annotate(request.scope, inputs=len(req.input))
-    with svc.admission.admit(len(req.input)) as ticket:  # 429 over the inputs in flight
+    with ticket:  # released however the request ends
+        body = await read_body(request, SETTINGS.max_body_bytes)  # 413 over the limit, counted as it streams in
+        small = len(body) <= INLINE_BYTES and svc.admission.requests <= INLINE_MAX_REQUESTS  # this one included
+        req = parse_embedding_request(body) if small else await offload(parse_embedding_request, body)  # 400
+        implied = model_input_type(req.model, SETTINGS.model_name)  # 404 for another model; "-query" -> "query"
+        input_type = req.input_type or implied
+        embedder = runner.embedder
+        check_dimensions(req.dimensions, req.embedding_type, embedder.config.embedding_size)
+        inline = small and len(req.input) <= INLINE_INPUTS
+        annotate(request.scope, inputs=len(req.input))
+        ticket.admit(len(req.input))  # 429 over the inputs in flight
         prepared = prepare_request(req, input_type, embedder, SETTINGS) if inline else \
             await offload(prepare_request, req, input_type, embedder, SETTINGS)
         tokens = sum(prepared.tokens)
@@ -252,8 +253,9 @@ class NemotronEmbed:
         config = self.model.value.engine.config
         max_inputs, max_tokens = SETTINGS.inflight_limits(config.max_rows, config.max_batch_tokens)
         metrics = get_metrics()
-        return Admission(max_inputs, max_tokens, retry_after_s=SETTINGS.retry_after_s, on_shed=metrics.on_shed,
-                         on_change=metrics.on_inflight)
+        return Admission(max_inputs, max_tokens, retry_after_s=SETTINGS.retry_after_s,
+                         max_lag_s=SETTINGS.shed_lag_ms / 1000, busy_floor=2 * config.max_batch_tokens,
+                         on_shed=metrics.on_shed, on_change=metrics.on_inflight)
 
     @staticmethod
     def _load() -> Runner:
@@ -326,8 +328,8 @@ class NemotronEmbed:
 
     async def _embed_items(self, items: list[BatchItem]) -> list[BatchResult]:
         runner = self.runner()
-        self.admission.check_room()
-        with self.admission.admit(max(len(items), 1)) as ticket:
+        with self.admission.enter() as ticket:
+            ticket.admit(max(len(items), 1))
             inputs: list[ModelInput | ItemError] = []
             for item in items:
                 try:

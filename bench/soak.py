@@ -13,8 +13,9 @@ warm-up (the first fifth) its least-squares slope is reported in MB/hour, and ov
 the verdict (stable: under 1 % of the resident size per hour).
 Phase 2 (overload): requests arrive at `--overload-factor` times the steady throughput, open loop (each at its
 time, whether or not earlier ones were answered), for `--overload-seconds`: how many were shed (429/503), how
-fast (as the client saw it, and as the server's access log timed it), and whether every accepted one was still
-correct.
+fast (as the client saw it, and as the server's access log timed it; also apart from the burst's first second, when
+the client opens hundreds of connections at once), and whether every accepted one was still correct.
+`--overload-rate` fixes the offered rate, to compare two servers (or settings, `--env`) at the same load.
 The machine, the figures and the verdict are printed, and written as JSON with `--json`.
 """
 
@@ -170,6 +171,7 @@ class Tally:
     def __init__(self) -> None:
         self.latencies: list[float] = []  # of answered requests
         self.shed_latencies: list[float] = []  # of refused ones (429, 503)
+        self.shed_sent: list[float] = []  # when each refused one left (time.monotonic())
         self.statuses: dict[str, int] = {}
         self.answers: list[tuple[int, bytes]] = []  # (template, body) of each 200, checked afterwards
         self.checked = self.wrong = 0
@@ -208,7 +210,7 @@ class Work:
 async def send(session, url: str, index: int, work: list[Work], tally: Tally) -> None:
     import aiohttp
 
-    start = time.perf_counter()
+    start, sent = time.perf_counter(), time.monotonic()
     try:
         async with session.post(f"{url}/v1/embeddings", data=work[index].body,
                                 headers={"content-type": "application/json"}) as response:
@@ -225,6 +227,7 @@ async def send(session, url: str, index: int, work: list[Work], tally: Tally) ->
         tally.add(str(status))
         if status in (429, 503):
             tally.shed_latencies.append(seconds)
+            tally.shed_sent.append(sent)
 
 
 def session(connections: int):
@@ -259,9 +262,10 @@ async def steady(url: str, work: list[Work], concurrency: int, seconds: float, p
     return tally, memory, time.monotonic() - t0
 
 
-async def overload(url: str, work: list[Work], rate: float, seconds: float) -> tuple[Tally, float, float]:
+async def overload(url: str, work: list[Work], rate: float, seconds: float) -> tuple[Tally, float, float, float]:
     """Open loop: request k leaves at k / rate seconds, answered or not. Returns the tally, the time until the last
-    answer, and the rate at which requests actually left (the client may fall behind its schedule)."""
+    answer, the rate at which requests actually left (the client may fall behind its schedule) and when the phase
+    began (time.monotonic())."""
     tally = Tally()
     rng = random.Random(1)
     async with session(4000) as s:
@@ -275,7 +279,7 @@ async def overload(url: str, work: list[Work], rate: float, seconds: float) -> t
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - t0
     tally.check(work)  # every accepted answer
-    return tally, elapsed, sent_rate
+    return tally, elapsed, sent_rate, t0
 
 
 def server_durations(log: Path, offset: int) -> dict[str, dict[str, float]]:
@@ -316,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--templates", type=int, default=70, help="distinct requests in the mix")
     ap.add_argument("--overload-seconds", type=float, default=60.0)
     ap.add_argument("--overload-factor", type=float, default=4.0)
+    ap.add_argument("--overload-rate", type=float,
+                    help="requests/s offered in the overload phase (default: the factor times the steady rate); fix "
+                         "it to compare two servers at the same load")
     ap.add_argument("--sample-seconds", type=float, default=None, help="memory sampling period (default: ~200 samples)")
     ap.add_argument("--slope-limit", type=float, default=None,
                     help="MB/hour above which memory counts as growing (default: 1%% of the mean RSS per hour)")
@@ -354,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         limit = args.slope_limit if args.slope_limit is not None else 0.01 * mean_mb
         verdict = "stable" if late <= limit else ("growing (not significant)" if late - 2 * late_stderr <= limit
                                                    else "growing")
-        print(f"overload: {args.overload_factor:g}x {rate:.1f} req/s for {args.overload_seconds:g} s", flush=True)
+        offered_rate = args.overload_rate or rate * args.overload_factor
+        print(f"overload: {offered_rate:.1f} req/s for {args.overload_seconds:g} s", flush=True)
         log_offset = log_path.stat().st_size if log_path else 0
-        over, over_elapsed, sent_rate = asyncio.run(overload(url, work, rate * args.overload_factor,
-                                                             args.overload_seconds))
+        over, over_elapsed, sent_rate, began = asyncio.run(overload(url, work, offered_rate, args.overload_seconds))
+        # The burst's first second, when the client opens hundreds of connections at once, apart from the rest.
+        later = [s for s, t in zip(over.shed_latencies, over.shed_sent) if t - began >= 1.0]
         server_side = server_durations(log_path, log_offset) if log_path else {}
         offered = sum(over.statuses.values())
         shed = over.statuses.get("429", 0) + over.statuses.get("503", 0)
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                        "second_half_slope_stderr_mb_per_hour": round(late_stderr, 2),
                        "limit_mb_per_hour": round(limit, 2),
                        "verdict": verdict},
-            "overload": {"target_requests_per_s": round(rate * args.overload_factor, 2),
+            "overload": {"target_requests_per_s": round(offered_rate, 2),
                          "sent_requests_per_s": round(sent_rate, 2), "offered": offered,
                          "seconds_to_last_answer": round(over_elapsed, 1), "statuses": over.statuses, "shed": shed,
                          "shed_fraction": round(shed / offered, 3) if offered else 0.0,
@@ -387,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                          if over.shed_latencies else None,
                          "shed_p99_ms": round(float(np.percentile(over.shed_latencies, 99)) * 1000, 1)
                          if over.shed_latencies else None,
+                         "shed_after_first_second_p50_ms": round(float(np.percentile(later, 50)) * 1000, 1)
+                         if later else None,
+                         "shed_after_first_second_p99_ms": round(float(np.percentile(later, 99)) * 1000, 1)
+                         if later else None,
                          "server_side_ms": server_side},
         }
         print(json.dumps(report, indent=2))

@@ -46,7 +46,7 @@ class Metrics:
         self.pass_retries = Counter("nim_forward_pass_retries_total", "Forward passes that failed (device error, "
                                     "out of memory) and were retried in halves")
         self.shed = Counter("nim_shed_requests_total", "Requests refused with 429 by admission control, by the limit "
-                            "hit (full: refused before reading the body)", ["reason"])
+                            "hit (full: refused before reading the body; busy: the event loop ran late)", ["reason"])
         self.abandoned_inputs = Counter("nim_abandoned_inputs_total",
                                         "Inputs withdrawn before their batch because their request was over (client "
                                         "gone, timed out): the device never saw them")

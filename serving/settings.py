@@ -88,6 +88,9 @@ class Settings(BaseModel):
     max_inflight_tokens: int | None = Field(None, alias="EMBED_MAX_INFLIGHT_TOKENS", ge=1,
                                             description="tokens in flight; default 16 forward passes' token budget")
     retry_after_s: int = Field(1, alias="EMBED_RETRY_AFTER_S", ge=1, description="Retry-After of a 429")
+    shed_lag_ms: float = Field(10.0, alias="EMBED_SHED_LAG_MS", ge=0,
+                               description="429 for new requests while the worker's event loop runs this late "
+                                           "(and it holds two forward passes' tokens); 0: never")
 
     # ---- security and access --------------------------------------------------------------------------------
     api_keys: str | None = Field(None, alias="EMBED_API_KEYS", repr=False,
