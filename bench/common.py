@@ -147,8 +147,13 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, cache: Path, env: dict[str, str] | None = None, root: Path = ROOT,
-                 log_name: str = "server.log") -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` of `root` (this checkout, or another one to compare with) on a free port, once ready."""
+                 log_name: str = "server.log", target: str | None = None,
+                 answers: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` of `root` (this checkout, or another one to compare with) on a free port, once ready.
+
+    `target`: another service to serve (`module:Class`) instead of the repository's. `answers`: for a service
+    without the health routes, a body for /v1/embeddings; ready once it is answered with 200.
+    """
     import httpx
 
     port = free_port()
@@ -156,18 +161,22 @@ def start_server(model_dir: Path, cache: Path, env: dict[str, str] | None = None
            "EMBED_CACHE_DIR": str(cache.parent), **(env or {})}
     log = open(cache.parent / log_name, "w")
     bentoml = str(Path(sys.executable).with_name("bentoml"))  # the one installed beside this Python
-    proc = subprocess.Popen([bentoml, "serve", "--port", str(port)], cwd=root, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([bentoml, "serve", *([target] if target else []), "--port", str(port)], cwd=root,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
+            if answers is not None:
+                if httpx.post(f"{url}/v1/embeddings", json=answers, timeout=30).status_code == 200:
+                    return proc, url
+            elif httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200:
                 return proc, url
-            live = httpx.get(f"{url}/v1/health/live", timeout=5)
-            if live.status_code == 503:  # the model failed to load: it never becomes ready
-                os.killpg(proc.pid, 15)
-                raise RuntimeError(f"server failed: {live.json().get('message')}; see {cache.parent / log_name}")
+            else:
+                live = httpx.get(f"{url}/v1/health/live", timeout=5)
+                if live.status_code == 503:  # the model failed to load: it never becomes ready
+                    os.killpg(proc.pid, 15)
+                    raise RuntimeError(f"server failed: {live.json().get('message')}; see {cache.parent / log_name}")
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:

@@ -14,7 +14,6 @@ Needs `wrk` (Debian: apt-get install wrk).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -79,13 +78,10 @@ class Front:
 def main() -> None:
     import argparse
     import shutil
-    import subprocess
     import time
 
-    import httpx
-
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import checkpoint, free_port, machine, scratch_dir, start_server
+    from common import checkpoint, machine, scratch_dir, start_server
     from served_path import MODEL, measure, start_floor, stop
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,26 +105,12 @@ def main() -> None:
         finally:
             stop(proc)
         for workers in args.front_workers:
-            port = free_port()
-            env = {**os.environ, "EMBED_MODEL": str(converted), "EMBED_COMPILATION_CACHE": str(cache),
-                   "EMBED_CACHE_DIR": str(work), "EMBED_DTYPE": "float32",
-                   "BENTOML_CONFIG_OPTIONS": f"services.distributed_front.workers={workers}"}
-            log = open(work / f"distributed-{workers}.log", "w")
-            bentoml_bin = str(Path(sys.executable).with_name("bentoml"))
-            proc = subprocess.Popen([bentoml_bin, "serve", "bench.distributed_services:Front", "--port", str(port)],
-                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            url = f"http://127.0.0.1:{port}"
+            # Ready once a query is answered: the model service has loaded and warmed up.
+            proc, url = start_server(converted, cache, log_name=f"distributed-{workers}.log",
+                                     target="bench.distributed_services:Front", answers=query,
+                                     env={"EMBED_DTYPE": "float32",
+                                          "BENTOML_CONFIG_OPTIONS": f"services.distributed_front.workers={workers}"})
             try:
-                deadline = time.time() + 1800
-                while True:  # ready once a query is answered: the model service has loaded and warmed up
-                    try:
-                        if httpx.post(f"{url}/v1/embeddings", json=query, timeout=30).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(f"the distributed services did not start; see {log.name}")
-                    time.sleep(2)
                 label = f"distributed Services, {workers} front worker{'s' * (workers > 1)} + 1 model worker"
                 rows.append((label, measure(url, proc.pid, query, 32, args.seconds, work)))
             finally:

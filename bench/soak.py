@@ -297,6 +297,10 @@ def server_durations(log: Path, offset: int) -> dict[str, dict[str, float]]:
             for status, d in by_status.items()}
 
 
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    return round(float(np.percentile(seconds, q)) * 1000, 1) if seconds else None
+
+
 def slope_mb_per_hour(memory: list[tuple[float, float]], skip_fraction: float = 0.2) -> tuple[float, float, float]:
     """(slope MB/h, its standard error, mean MB) of the samples after the first `skip_fraction`, by least squares."""
     kept = memory[int(len(memory) * skip_fraction):]
@@ -392,14 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                          "accepted_per_s": round(over.statuses.get("200", 0) / over_elapsed, 2),
                          "accepted_checked": over.checked, "accepted_wrong_answers": over.wrong,
                          **{f"accepted_{k}": v for k, v in over.percentiles().items()},
-                         "shed_p50_ms": round(float(np.percentile(over.shed_latencies, 50)) * 1000, 1)
-                         if over.shed_latencies else None,
-                         "shed_p99_ms": round(float(np.percentile(over.shed_latencies, 99)) * 1000, 1)
-                         if over.shed_latencies else None,
-                         "shed_after_first_second_p50_ms": round(float(np.percentile(later, 50)) * 1000, 1)
-                         if later else None,
-                         "shed_after_first_second_p99_ms": round(float(np.percentile(later, 99)) * 1000, 1)
-                         if later else None,
+                         "shed_p50_ms": percentile_ms(over.shed_latencies, 50),
+                         "shed_p99_ms": percentile_ms(over.shed_latencies, 99),
+                         "shed_after_first_second_p50_ms": percentile_ms(later, 50),
+                         "shed_after_first_second_p99_ms": percentile_ms(later, 99),
                          "server_side_ms": server_side},
         }
         print(json.dumps(report, indent=2))
